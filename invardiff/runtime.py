@@ -1,0 +1,348 @@
+"""Plan-driven cached execution: diffusers hooks that reuse module outputs (ALGORITHM.md §7).
+
+``enable_cache(pipeline_or_transformer, plan)`` attaches one hook to the transformer (it
+finds the step from the called timestep), one per block (the step gate) and one per
+reusable module. Each generation starts from empty caches; ``disable_cache`` removes every
+hook and restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .architectures import MODULE_KINDS, TIMESTEP_SCALE, detect_architecture, layer_lists
+from .plan import CachePlan, PlanError, executed_modules, hold_after
+from .stepping import StepMatchError, find_timestep, match_step, timestep_argument, timestep_value
+
+HOOK_NAME = "invardiff_cache"
+
+
+@dataclass
+class CacheStats:
+    """What the runtime did in the current generation (its own bookkeeping)."""
+
+    steps_computed: int = 0
+    steps_skipped: int = 0
+    module_calls: int = 0
+    module_reuses: int = 0
+
+
+@dataclass
+class _Branch:
+    """Caches of one transformer call per step (two under CFG-as-two-calls)."""
+
+    modules: dict[tuple[str, int], Any] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+
+
+class PlanCache:
+    """Executes a :class:`CachePlan` on a diffusers transformer (see :func:`enable_cache`)."""
+
+    def __init__(self, transformer: torch.nn.Module, plan: CachePlan, scheduler=None, timesteps=None) -> None:
+        self.transformer = transformer
+        self.plan = plan
+        self.scheduler = scheduler
+        self.arch = check_plan_fits(plan, transformer)
+        self.run = executed_modules(plan)
+        self.hold, self.hold_hidden = hold_after(plan)
+        self.schedule = _initial_schedule(plan, timesteps)
+        if self.schedule is None and scheduler is None:
+            raise PlanError(
+                "the plan records no timestep schedule; enable it on the pipeline (its scheduler "
+                "gives the schedule) or pass timesteps=..."
+            )
+        self.stats = CacheStats()
+        self.step = -1
+        self.branch = 0
+        self._branches: list[_Branch] = []
+        self._hooked: list[torch.nn.Module] = []
+        self._attach()
+
+    # ---- generation state --------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached tensor; the next call starts a new generation."""
+        self.step = -1
+        self.branch = 0
+        self._branches = []
+        self.stats = CacheStats()
+
+    def _begin_call(self, timestep: Any) -> None:
+        if self.schedule is None:
+            raise StepMatchError("no schedule yet: the pipeline's scheduler has not set its timesteps")
+        value, eps = timestep_value(timestep)
+        step = match_step(value, eps, self.schedule)
+        if step < self.step:
+            self.reset()  # a new generation without a scheduler signal (plain loops)
+        self.branch = self.branch + 1 if step == self.step else 0
+        self.step = step
+        while len(self._branches) <= self.branch:
+            self._branches.append(_Branch())
+        if self.plan.step_gate[step] and self.current.hidden is not None:
+            self.stats.steps_skipped += 1
+        else:
+            self.stats.steps_computed += 1
+
+    @property
+    def current(self) -> _Branch:
+        return self._branches[self.branch]
+
+    def skipping(self) -> bool:
+        """Is the whole current step reused (and is there an H to reuse)?"""
+        return bool(self.plan.step_gate[self.step]) and self.current.hidden is not None
+
+    def reusing(self, kind: str, layer: int) -> bool:
+        """Reuse the cached output of (kind, layer) at the current step?"""
+        return not self.run[kind][self.step, layer] and (kind, layer) in self.current.modules
+
+    def store(self, kind: str, layer: int, output: Any) -> None:
+        """Keep a freshly computed output only if a later step reuses it."""
+        if self.hold[kind][self.step, layer]:
+            self.current.modules[(kind, layer)] = output
+        else:
+            self.current.modules.pop((kind, layer), None)
+
+    def take(self, kind: str, layer: int) -> Any:
+        """The cached output for reuse now; released if no later step needs it."""
+        cache = self.current.modules
+        output = cache[(kind, layer)] if self.hold[kind][self.step, layer] else cache.pop((kind, layer))
+        return output
+
+    def store_hidden(self, hidden: torch.Tensor) -> None:
+        self.current.hidden = hidden if self.hold_hidden[self.step] else None
+
+    def take_hidden(self) -> torch.Tensor:
+        hidden = self.current.hidden
+        if not self.hold_hidden[self.step]:
+            self.current.hidden = None
+        return hidden
+
+    def set_schedule(self, timesteps: Any) -> None:
+        """Called when the pipeline's scheduler sets its timesteps: a new generation starts."""
+        schedule = np.asarray(torch.as_tensor(timesteps).detach().cpu().double()) * TIMESTEP_SCALE[self.arch]
+        if len(schedule) != self.plan.steps:
+            raise PlanError(
+                f"the pipeline runs {len(schedule)} steps but the plan was calibrated for {self.plan.steps}; "
+                "calibrate or fetch a plan for this step count"
+            )
+        if self.plan.target.timesteps is not None:
+            planned = np.asarray(self.plan.target.timesteps, dtype=np.float64)
+            if not np.allclose(schedule, planned, rtol=1e-2, atol=1e-6):
+                raise PlanError(
+                    "the pipeline's timestep schedule differs from the plan's "
+                    f"(first {schedule[0]:g} vs {planned[0]:g}, last {schedule[-1]:g} vs {planned[-1]:g}); "
+                    "the scheduler or its config changed"
+                )
+        else:
+            self.schedule = schedule.tolist()
+        self.reset()
+
+    # ---- hooks -------------------------------------------------------------------------
+    def _attach(self) -> None:
+        position, _ = timestep_argument(self.transformer.forward)
+        self._register(self.transformer, _TransformerHook(self, position))
+        blocks = [(name, i, b) for name in layer_lists(self.arch) for i, b in enumerate(getattr(self.transformer, name))]
+        for n, (_, _, block) in enumerate(blocks):
+            self._register(block, _BlockHook(self, self.arch, last=n == len(blocks) - 1))
+        for kind in MODULE_KINDS[self.arch]:
+            if kind.name == "context_attn":
+                continue  # served by the joint `attn` hook
+            for layer, block in enumerate(getattr(self.transformer, kind.layers)):
+                module = getattr(block, kind.attribute)
+                if kind.name == "attn" and self.arch == "flux":
+                    self._register(module, _JointAttentionHook(self, layer))
+                elif kind.name == "single_mlp":
+                    self._register(module, _ModuleHook(self, "single_mlp", layer, compute_only=True))
+                    self._register(block.act_mlp, _ModuleHook(self, "single_mlp", layer, pass_through=True))
+                else:
+                    self._register(module, _ModuleHook(self, kind.name, layer))
+        if self.scheduler is not None:
+            self._wrap_scheduler(self.scheduler)
+
+    def _register(self, module: torch.nn.Module, hook: ModelHook) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        if registry.get_hook(HOOK_NAME) is not None:
+            raise PlanError("a cache plan is already enabled on this model; disable it first")
+        registry.register_hook(hook, HOOK_NAME)
+        self._hooked.append(module)
+
+    def _wrap_scheduler(self, scheduler) -> None:
+        original = scheduler.set_timesteps
+
+        @functools.wraps(original)  # pipelines inspect its signature
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.set_schedule(scheduler.timesteps)
+            return result
+
+        scheduler.set_timesteps = set_timesteps
+
+    def disable(self) -> None:
+        """Remove every hook and cached tensor; the model is exactly as before."""
+        for module in self._hooked:
+            module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+        self._hooked = []
+        if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
+            del self.scheduler.set_timesteps
+        self.reset()
+        if getattr(self.transformer, "_invardiff_cache", None) is self:
+            del self.transformer._invardiff_cache
+
+
+class _TransformerHook(ModelHook):
+    def __init__(self, cache: PlanCache, position: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.position = position
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.cache._begin_call(find_timestep(self.position, args, kwargs))
+        return args, kwargs
+
+
+class _BlockHook(ModelHook):
+    """Step gate: on a skipped step blocks pass their input through; the last one returns H."""
+
+    def __init__(self, cache: PlanCache, arch: str, last: bool) -> None:
+        super().__init__()
+        self.cache = cache
+        self.arch = arch
+        self.last = last
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        if cache.skipping():
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.last:
+                hidden = cache.take_hidden()
+            if self.arch == "dit":
+                return hidden
+            return kwargs["encoder_hidden_states"], hidden
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            cache.store_hidden(output if self.arch == "dit" else output[1])
+        return output
+
+
+class _ModuleHook(ModelHook):
+    """Reuse or compute one module (kind, layer).
+
+    The FLUX single-block mlp is ``act_mlp(proj_mlp(x))``: ``proj_mlp`` gets a
+    ``compute_only`` hook (returns the cached activation instead of computing) and
+    ``act_mlp`` a ``pass_through`` hook (passes it on, or computes and stores).
+    """
+
+    def __init__(self, cache: PlanCache, kind: str, layer: int, compute_only=False, pass_through=False) -> None:
+        super().__init__()
+        self.cache = cache
+        self.kind = kind
+        self.layer = layer
+        self.compute_only = compute_only
+        self.pass_through = pass_through
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        if cache.reusing(self.kind, self.layer):
+            if not self.pass_through:
+                cache.stats.module_reuses += 1
+            if self.compute_only:
+                return None  # act_mlp's hook hands out the cached activation
+            return cache.take(self.kind, self.layer)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not self.pass_through:
+            cache.stats.module_calls += 1
+        if not self.compute_only:
+            cache.store(self.kind, self.layer, output)
+        return output
+
+
+class _JointAttentionHook(ModelHook):
+    """FLUX double-block attention: one call gives the image and the text half."""
+
+    def __init__(self, cache: PlanCache, layer: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer = layer
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        if cache.reusing("attn", self.layer):
+            cache.stats.module_reuses += 1
+            return cache.take("attn", self.layer)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        cache.stats.module_calls += 1
+        cache.store("attn", self.layer, output)
+        return output
+
+
+def check_plan_fits(plan: CachePlan, transformer: torch.nn.Module) -> str:
+    """Raise PlanError saying what differs if ``plan`` cannot drive ``transformer``."""
+    arch = detect_architecture(transformer)
+    if arch != plan.arch:
+        raise PlanError(f"plan is for a {plan.arch} transformer but the model is {arch} ({type(transformer).__name__})")
+    problems = []
+    for kind in MODULE_KINDS[arch]:
+        blocks = getattr(transformer, kind.layers)
+        expected = plan.modules[kind.name].shape[1]
+        if len(blocks) != expected:
+            problems.append(f"{kind.name}: plan has {expected} layers, model.{kind.layers} has {len(blocks)}")
+        elif not all(hasattr(b, kind.attribute) for b in blocks):
+            problems.append(f"{kind.name}: model.{kind.layers}[*] has no '{kind.attribute}'")
+    if problems:
+        raise PlanError("plan does not fit the model: " + "; ".join(dict.fromkeys(problems)))
+    return arch
+
+
+def _initial_schedule(plan: CachePlan, timesteps) -> list[float] | None:
+    if timesteps is not None:
+        schedule = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+        if len(schedule) != plan.steps:
+            raise PlanError(f"{len(schedule)} timesteps given for a {plan.steps}-step plan")
+        return schedule
+    return None if plan.target.timesteps is None else list(plan.target.timesteps)
+
+
+def _split(target) -> tuple[torch.nn.Module, Any]:
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, getattr(target, "scheduler", None)
+    if isinstance(target, torch.nn.Module):
+        return target, None
+    raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
+
+
+def enable_cache(target, plan: CachePlan, timesteps=None) -> PlanCache:
+    """Attach ``plan`` to a pipeline (or a bare transformer) and return the live cache.
+
+    With a pipeline, each ``scheduler.set_timesteps`` starts a new generation and checks the
+    step count. A bare transformer uses the plan's recorded schedule (or ``timesteps``) and
+    starts a new generation when the step index goes back.
+    """
+    transformer, scheduler = _split(target)
+    cache = PlanCache(transformer, plan, scheduler=scheduler, timesteps=timesteps)
+    transformer._invardiff_cache = cache
+    return cache
+
+
+def disable_cache(target) -> None:
+    """Remove the plan attached by :func:`enable_cache` (no-op if none)."""
+    transformer, _ = _split(target)
+    cache = getattr(transformer, "_invardiff_cache", None)
+    if cache is not None:
+        cache.disable()
+
+
+@contextmanager
+def cached(target, plan: CachePlan, timesteps=None) -> Iterator[PlanCache]:
+    """``with cached(pipe, plan): pipe(...)`` runs the pipeline under ``plan``."""
+    cache = enable_cache(target, plan, timesteps=timesteps)
+    try:
+        yield cache
+    finally:
+        cache.disable()
