@@ -84,6 +84,9 @@ class PlanCache:
         self.step = step
         while len(self._branches) <= self.branch:
             self._branches.append(_Branch())
+        # this step's flags as Python lists: the hooks look them up hundreds of times per step
+        self._run_now = {kind: flags[step].tolist() for kind, flags in self.run.items()}
+        self._hold_now = {kind: flags[step].tolist() for kind, flags in self.hold.items()}
         if self.plan.step_gate[step] and self.current.hidden is not None:
             self.stats.steps_skipped += 1
         else:
@@ -99,11 +102,11 @@ class PlanCache:
 
     def reusing(self, kind: str, layer: int) -> bool:
         """Reuse the cached output of (kind, layer) at the current step?"""
-        return not self.run[kind][self.step, layer] and (kind, layer) in self.current.modules
+        return not self._run_now[kind][layer] and (kind, layer) in self.current.modules
 
     def store(self, kind: str, layer: int, output: Any) -> None:
         """Keep a freshly computed output only if a later step reuses it."""
-        if self.hold[kind][self.step, layer]:
+        if self._hold_now[kind][layer]:
             self.current.modules[(kind, layer)] = output
         else:
             self.current.modules.pop((kind, layer), None)
@@ -111,8 +114,7 @@ class PlanCache:
     def take(self, kind: str, layer: int) -> Any:
         """The cached output for reuse now; released if no later step needs it."""
         cache = self.current.modules
-        output = cache[(kind, layer)] if self.hold[kind][self.step, layer] else cache.pop((kind, layer))
-        return output
+        return cache[(kind, layer)] if self._hold_now[kind][layer] else cache.pop((kind, layer))
 
     def store_hidden(self, hidden: torch.Tensor) -> None:
         self.current.hidden = hidden if self.hold_hidden[self.step] else None

@@ -21,7 +21,7 @@ class StepMatchError(RuntimeError):
 def timestep_value(timestep: Any) -> tuple[float, float]:
     """The (scalar) timestep of a call and the relative tolerance its dtype allows."""
     if isinstance(timestep, torch.Tensor):
-        flat = timestep.detach().reshape(-1)
+        flat = timestep.detach().reshape(-1).cpu()  # the one device sync per call
         value = float(flat[0])
         eps = torch.finfo(timestep.dtype).eps if timestep.dtype.is_floating_point else 0.0
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):

@@ -1,0 +1,156 @@
+"""Engine overhead and plan efficiency, measured side by side in one run.
+
+For a transformer where block compute dominates, times a full sampling loop three ways,
+interleaved: untouched, under an all-compute plan (pure hook overhead; target < 2 %), and
+under a reference plan (measured speed-up vs the plan's FLOP-ideal; target >= 0.95).
+
+    python benchmarks/engine.py --arch dit --width 256 --batch 4           # CPU
+    python benchmarks/engine.py --arch flux --width 1024 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import invardiff
+from invardiff import Geometry, all_compute_plan, cached
+from invardiff.models.tiny import tiny_dit_transformer, tiny_flux_transformer
+
+PLANS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-plans"
+DIT_PLAN = "dit_cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json"
+FLUX_PLAN = "flux_cache_books_stp28_n0.1_th0.7_attn0.68_ff0.68_ctxff0.68_sattn0.68_smlp0.68.json"
+
+
+def build(args):
+    """The model, its inputs for one call, the schedule, the plan and the geometry."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.arch == "dit":
+        plan = invardiff.load_plan(args.plan or PLANS / DIT_PLAN)
+        side = args.tokens_side
+        model = tiny_dit_transformer(
+            num_layers=28, width=args.width, sample_size=side, num_heads=args.heads
+        )
+        inputs = {"hidden_states": torch.randn(args.batch, 4, side, side),
+                  "class_labels": torch.arange(args.batch) % 1000}  # fmt: skip
+        schedule = torch.linspace(999, 19, plan.steps).round()
+        geometry = Geometry(dim=args.width, tokens=(side // 2) ** 2)
+    else:
+        plan = invardiff.load_plan(args.plan or PLANS / FLUX_PLAN)
+        side = args.tokens_side
+        model = tiny_flux_transformer(num_double=19, num_single=38, width=args.width, num_heads=args.heads,
+                                      in_channels=16, joint_attention_dim=64, pooled_projection_dim=64)  # fmt: skip
+        tokens, context = side * side, args.context_tokens
+        inputs = {
+            "hidden_states": torch.randn(args.batch, tokens, 16),
+            "encoder_hidden_states": torch.randn(args.batch, context, 64),
+            "pooled_projections": torch.randn(args.batch, 64),
+            "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(),
+                                                  indexing="ij"), -1).reshape(-1, 3).float(),
+            "txt_ids": torch.zeros(context, 3),
+        }  # fmt: skip
+        schedule = torch.linspace(1.0, 1.0 / plan.steps, plan.steps)
+        geometry = Geometry(dim=args.width, tokens=tokens, context_tokens=context)
+    model = model.to(device=device, dtype=dtype)
+    inputs = {k: v.to(device) if k.endswith("ids") or k == "class_labels" else v.to(device, dtype)
+              for k, v in inputs.items()}  # fmt: skip
+    return model, inputs, schedule, replace(plan, geometry=geometry)
+
+
+def sample(model, inputs, schedule, args) -> torch.Tensor:
+    """A plain sampling loop: one transformer call per scheduled timestep."""
+    x = inputs["hidden_states"]
+    rest = {k: v for k, v in inputs.items() if k != "hidden_states"}
+    with torch.inference_mode():
+        for t in schedule:
+            timestep = torch.full((x.shape[0],), float(t), device=x.device)
+            out = model(hidden_states=x, timestep=timestep, return_dict=False, **rest)[0]
+            x = x - 0.01 * out[:, : x.shape[1]]
+    return x
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=["dit", "flux"], default="dit")
+    parser.add_argument("--plan", type=Path, help="plan file (default: a reference plan)")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--tokens-side",
+        type=int,
+        default=16,
+        help="DiT: latent side (tokens = (side/2)^2); FLUX: image tokens side",
+    )
+    parser.add_argument("--context-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model, inputs, schedule, plan = build(args)
+    timesteps = schedule.tolist()  # as the transformer is called with them
+    baseline_plan = all_compute_plan(plan.arch, plan.steps, plan.layer_counts())
+
+    def untouched():
+        sample(model, inputs, schedule, args)
+
+    def under(p):
+        def run():
+            with cached(model, p, timesteps=timesteps):
+                sample(model, inputs, schedule, args)
+
+        return run
+
+    untouched()  # warm-up
+    under(plan)()
+    times = {"untouched": [], "all_compute": [], "plan": []}
+    for _ in range(args.repeats):
+        times["untouched"].append(timed(untouched, device))
+        times["all_compute"].append(timed(under(baseline_plan), device))
+        times["plan"].append(timed(under(plan), device))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    summary = plan.summary(batch=args.batch)
+    speedup = median["untouched"] / median["plan"]
+    result = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "arch": plan.arch,
+        "plan": plan.calibration.get("params", {}),
+        "width": args.width,
+        "tokens": plan.geometry.tokens,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "median_s": {k: round(v, 4) for k, v in median.items()},
+        "overhead_all_compute_pct": round(
+            100 * (median["all_compute"] / median["untouched"] - 1), 2
+        ),
+        "speedup": round(speedup, 3),
+        "ideal_speedup": summary.ideal_speedup,
+        "speedup_over_ideal": round(speedup / summary.ideal_speedup, 3),
+        "peak_cache_mib": round(summary.peak_cache_bytes / 2**20, 1),
+    }
+    print(json.dumps(result, indent=2))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""``invardiff``: calibrate a built-in model and compare cached against full compute.
+
+    invardiff demo [--model digits-flux] [--preset fast] [--out out/]
+    invardiff calibrate --model digits-dit --out plan.json [--trajectories 8]
+    invardiff show PLAN [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .official import load_plan
+from .plan import PlanError
+
+DEFAULT_STEPS = {"digits-dit": 50, "digits-flux": 28}
+
+
+def calibration_calls(model: str, trajectories: int, guidance: float, steps: int | None = None) -> list[dict]:
+    """Deterministic calls for a built-in model: one digit class and one seed each."""
+    steps = steps or DEFAULT_STEPS[model]
+    return [
+        {"class_labels": [i % 10], "num_inference_steps": steps, "guidance_scale": guidance, "seed": 1000 + i}
+        for i in range(trajectories)
+    ]
+
+
+def _generate(pipe, labels, steps, guidance, seed):
+    import torch
+
+    return pipe(
+        class_labels=labels,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
+
+
+def _grid(rows: list[np.ndarray], scale: int = 4) -> "Image.Image":  # noqa: F821
+    from PIL import Image
+
+    tiles = [np.concatenate(list(row), axis=1) for row in rows]
+    grid = np.concatenate(tiles, axis=0)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    image = Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def run_demo(model: str, preset: str, trajectories: int, guidance: float, batch: int, repeats: int, out: Path) -> dict:
+    """Calibrate ``model`` in-process, then time and compare full vs cached generation."""
+    from . import calibrate, cached, metrics
+    from .models import load_builtin
+
+    pipe = load_builtin(model)
+    steps = DEFAULT_STEPS[model]
+    started = time.perf_counter()
+    plan = calibrate(pipe, calibration_calls(model, trajectories, guidance), preset=preset, model_id=model,
+                     progress=lambda m: print(f"  {m}", file=sys.stderr))  # fmt: skip
+    calibration_s = time.perf_counter() - started
+    labels = [i % 10 for i in range(batch)]
+    full_s, cached_s = [], []
+    for r in range(repeats):  # interleaved, so machine noise hits both alike
+        t0 = time.perf_counter()
+        full = _generate(pipe, labels, steps, guidance, seed=r)
+        t1 = time.perf_counter()
+        with cached(pipe, plan):
+            fast = _generate(pipe, labels, steps, guidance, seed=r)
+        t2 = time.perf_counter()
+        full_s.append(t1 - t0)
+        cached_s.append(t2 - t1)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = plan.save(out / f"{model}-{preset}.plan.json")
+    png = out / f"{model}-{preset}-full-vs-cached.png"
+    _grid([full[:10], fast[:10]]).save(png)
+    summary = plan.summary()
+    return {
+        "model": model,
+        "preset": preset,
+        "plan": str(plan_path),
+        "sha256": plan.sha256,
+        "png": str(png),
+        "calibration_s": round(calibration_s, 2),
+        "full_s": round(float(np.median(full_s)), 4),
+        "cached_s": round(float(np.median(cached_s)), 4),
+        "speedup": round(float(np.median(full_s) / np.median(cached_s)), 3),
+        "ideal_speedup": summary.ideal_speedup,
+        "reused_steps": summary.reused_steps,
+        "psnr_db": round(float(metrics.psnr(fast, full)), 2),
+        "ssim": round(float(metrics.ssim(fast, full)), 4),
+        "labels_agree": float(np.mean(metrics.classify(fast) == metrics.classify(full))),
+    }
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="invardiff", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="calibrate a built-in model, compare cached vs full (speed-up, PSNR, PNG)")
+    demo.add_argument("--model", default="digits-flux", choices=sorted(DEFAULT_STEPS))
+    demo.add_argument("--preset", default="fast", choices=["fast", "slow"])
+    demo.add_argument("--trajectories", type=int, default=8)
+    demo.add_argument("--guidance", type=float, default=1.5)
+    demo.add_argument("--batch", type=int, default=32)
+    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--out", type=Path, default=Path("out"))
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    cal = sub.add_parser("calibrate", help="calibrate a built-in model and write the plan")
+    cal.add_argument("--model", default="digits-flux", choices=sorted(DEFAULT_STEPS))
+    cal.add_argument("--preset", default="fast", choices=["fast", "slow"])
+    cal.add_argument("--trajectories", type=int, default=8)
+    cal.add_argument("--guidance", type=float, default=1.5)
+    cal.add_argument("--out", type=Path, required=True)
+    show = sub.add_parser("show", help="print a plan's target and summary")
+    show.add_argument("plan", type=Path)
+    show.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            if args.trajectories < 1 or args.batch < 1 or args.repeats < 1:
+                parser.error("--trajectories, --batch and --repeats must be positive")
+            _print(run_demo(args.model, args.preset, args.trajectories, args.guidance, args.batch, args.repeats,
+                            args.out), args.json)  # fmt: skip
+        elif args.command == "calibrate":
+            if args.trajectories < 1:
+                parser.error("--trajectories must be positive")
+            from . import calibrate
+            from .models import load_builtin
+
+            plan = calibrate(load_builtin(args.model), calibration_calls(args.model, args.trajectories, args.guidance),
+                             preset=args.preset, model_id=args.model)  # fmt: skip
+            print(plan.save(args.out))
+        else:
+            plan = load_plan(args.plan)
+            result = {"sha256": plan.sha256, "arch": plan.arch, "steps": plan.steps,
+                      "layers": plan.layer_counts(), "target": plan.target.to_json(),
+                      "summary": plan.summary().to_json()}  # fmt: skip
+            _print(result, args.json)
+    except PlanError as exc:
+        print(f"invardiff: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
