@@ -1,0 +1,1 @@
+"""Alembic migrations: the registry's schema (``invardiff-registry db upgrade``)."""

@@ -1,0 +1,85 @@
+"""The local client cache (Hugging Face style): blobs by sha256, refs by query.
+
+Layout under ``INVARDIFF_CACHE_DIR``::
+
+    blobs/sha256/<sha256>.json   plan bytes, checked against their name on every use
+    refs/<query-key>.json        which blob (and version, match) answered a query
+
+A hit is a ref whose blob exists and still hashes right: no database, no store, no network.
+Refs are kept until ``fetch --refresh`` re-resolves the query. Downloads are verified
+before they are written, so a failed check leaves nothing in the cache. Files are written to a
+temporary name and renamed into place, so concurrent fetches never see partial files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import RegistryError
+from .matching import canonical
+from .store import intact
+
+
+class Cache:
+    """A cache directory (created on first write)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / "sha256" / f"{sha256}.json"
+
+    def ref_path(self, identity: dict[str, Any]) -> Path:
+        """The ref file of a query; ``identity`` is the registry and the full query."""
+        digest = hashlib.sha256(canonical(identity)).hexdigest()
+        return self.root / "refs" / f"{digest}.json"
+
+    def valid_blob(self, sha256: str, size: int) -> Path | None:
+        """The blob's path if it is present and intact; a damaged blob is removed."""
+        path = self.blob_path(sha256)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if intact(data, sha256, size):
+            return path
+        path.unlink(missing_ok=True)
+        return None
+
+    def lookup(self, identity: dict[str, Any]) -> dict[str, Any] | None:
+        """The recorded answer for a query when its blob is present and intact."""
+        try:
+            record = json.loads(self.ref_path(identity).read_bytes())
+            sha256, size = record["sha256"], record["size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return record if self.valid_blob(sha256, size) else None
+
+    def put_blob(self, data: bytes, sha256: str) -> Path:
+        """Store verified bytes (see :func:`registry.store.get_blob`) under their sha256."""
+        path = self.blob_path(sha256)
+        atomic_write(path, data)
+        return path
+
+    def put_ref(self, identity: dict[str, Any], record: dict[str, Any]) -> None:
+        atomic_write(self.ref_path(identity), json.dumps(record, sort_keys=True).encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    except OSError as exc:
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+        raise RegistryError(f"cannot write {path}: {exc.strerror}") from None

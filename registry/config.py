@@ -1,0 +1,59 @@
+"""Where the registry lives: database, object store and local cache.
+
+Precedence: explicit argument (CLI flag) > environment variable > default.
+
+- ``INVARDIFF_HOME`` (default ``~/.invardiff``): the embedded registry, a SQLite file
+  ``registry.db`` and a local object store ``store/``.
+- ``INVARDIFF_DATABASE_URL``: a SQLAlchemy URL (``postgresql+psycopg://...``).
+- ``INVARDIFF_STORE_URL``: ``s3://bucket/prefix``, ``file:///dir`` or a directory path.
+- ``INVARDIFF_S3_ENDPOINT_URL``: S3 endpoint (MinIO, SeaweedFS); otherwise boto3's own
+  resolution (``AWS_ENDPOINT_URL``, region, credentials chain).
+- ``INVARDIFF_CACHE_DIR`` (default ``$XDG_CACHE_HOME/invardiff`` or ``~/.cache/invardiff``).
+
+With ``INVARDIFF_STORE_URL`` set and no ``INVARDIFF_DATABASE_URL``, there is no database:
+the registry is read-only and resolves through the index objects published in the store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved locations. ``database_url`` is ``None`` for a store-only (read-only) client."""
+
+    database_url: str | None
+    store_url: str
+    cache_dir: Path
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        database_url: str | None = None,
+        store_url: str | None = None,
+        cache_dir: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Config:
+        """Resolve each location from the arguments, then the environment, then defaults."""
+        env = os.environ if env is None else env
+        home = Path(env.get("INVARDIFF_HOME") or Path.home() / ".invardiff").expanduser()
+        store_url = store_url or env.get("INVARDIFF_STORE_URL")
+        database_url = database_url or env.get("INVARDIFF_DATABASE_URL")
+        if not store_url:
+            store_url = str(home / "store")
+            database_url = database_url or f"sqlite:///{home / 'registry.db'}"
+        if cache_dir is None:
+            cache_dir = env.get("INVARDIFF_CACHE_DIR")
+        if not cache_dir:
+            xdg = env.get("XDG_CACHE_HOME")
+            cache_dir = Path(xdg) / "invardiff" if xdg else Path.home() / ".cache" / "invardiff"
+        return cls(
+            database_url=database_url,
+            store_url=store_url,
+            cache_dir=Path(cache_dir).expanduser(),
+            s3_endpoint_url=env.get("INVARDIFF_S3_ENDPOINT_URL") or None,
+        )
