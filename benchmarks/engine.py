@@ -18,7 +18,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import invardiff
 from invardiff import Geometry, all_compute_plan, cached
@@ -30,7 +33,7 @@ FLUX_PLAN = "flux_cache_books_stp28_n0.1_th0.7_attn0.68_ff0.68_ctxff0.68_sattn0.
 
 
 def build(args):
-    """The model, its inputs for one call, the schedule, the plan and the geometry."""
+    """A (transformer, scheduler) pair, the inputs of one call, and the plan with this geometry."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.arch == "dit":
         plan = invardiff.load_plan(args.plan or PLANS / DIT_PLAN)
@@ -40,7 +43,7 @@ def build(args):
         )
         inputs = {"hidden_states": torch.randn(args.batch, 4, side, side),
                   "class_labels": torch.arange(args.batch) % 1000}  # fmt: skip
-        schedule = torch.linspace(999, 19, plan.steps).round()
+        scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
         geometry = Geometry(dim=args.width, tokens=(side // 2) ** 2)
     else:
         plan = invardiff.load_plan(args.plan or PLANS / FLUX_PLAN)
@@ -56,23 +59,27 @@ def build(args):
                                                   indexing="ij"), -1).reshape(-1, 3).float(),
             "txt_ids": torch.zeros(context, 3),
         }  # fmt: skip
-        schedule = torch.linspace(1.0, 1.0 / plan.steps, plan.steps)
+        scheduler = FlowMatchEulerDiscreteScheduler()
         geometry = Geometry(dim=args.width, tokens=tokens, context_tokens=context)
     model = model.to(device=device, dtype=dtype)
     inputs = {k: v.to(device) if k.endswith("ids") or k == "class_labels" else v.to(device, dtype)
               for k, v in inputs.items()}  # fmt: skip
-    return model, inputs, schedule, replace(plan, geometry=geometry)
+    return SimpleNamespace(transformer=model, scheduler=scheduler), inputs, replace(plan, geometry=geometry)
 
 
-def sample(model, inputs, schedule, args) -> torch.Tensor:
-    """A plain sampling loop: one transformer call per scheduled timestep."""
+def sample(pipe, inputs, steps: int) -> torch.Tensor:
+    """A sampling loop like DiTPipeline's / FluxPipeline's: one transformer call per step."""
+    model, scheduler = pipe.transformer, pipe.scheduler
     x = inputs["hidden_states"]
     rest = {k: v for k, v in inputs.items() if k != "hidden_states"}
+    flux = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    # DiTPipeline keeps the schedule on the CPU; FluxPipeline puts it on the device
+    scheduler.set_timesteps(steps, device=x.device if flux else None)
     with torch.inference_mode():
-        for t in schedule:
-            timestep = torch.full((x.shape[0],), float(t), device=x.device)
-            out = model(hidden_states=x, timestep=timestep, return_dict=False, **rest)[0]
-            x = x - 0.01 * out[:, : x.shape[1]]
+        for t in scheduler.timesteps:
+            timestep = t.to(x.device).expand(x.shape[0])
+            out = model(hidden_states=x, timestep=timestep / 1000 if flux else timestep, return_dict=False, **rest)[0]
+            x = scheduler.step(out[:, : x.shape[1]], t, x).prev_sample
     return x
 
 
@@ -105,17 +112,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model, inputs, schedule, plan = build(args)
-    timesteps = schedule.tolist()  # as the transformer is called with them
+    pipe, inputs, plan = build(args)
     baseline_plan = all_compute_plan(plan.arch, plan.steps, plan.layer_counts())
 
     def untouched():
-        sample(model, inputs, schedule, args)
+        sample(pipe, inputs, plan.steps)
 
     def under(p):
         def run():
-            with cached(model, p, timesteps=timesteps):
-                sample(model, inputs, schedule, args)
+            with cached(pipe, p):
+                sample(pipe, inputs, plan.steps)
 
         return run
 

@@ -19,7 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .architectures import MODULE_KINDS, TIMESTEP_SCALE, detect_architecture, layer_lists
 from .plan import CachePlan, PlanError, executed_modules, hold_after
-from .stepping import StepMatchError, find_timestep, match_step, timestep_argument, timestep_value
+from .stepping import StepTracker, find_timestep, timestep_argument
 
 HOOK_NAME = "invardiff_cache"
 
@@ -52,8 +52,8 @@ class PlanCache:
         self.arch = check_plan_fits(plan, transformer)
         self.run = executed_modules(plan)
         self.hold, self.hold_hidden = hold_after(plan)
-        self.schedule = _initial_schedule(plan, timesteps)
-        if self.schedule is None and scheduler is None:
+        self.tracker = StepTracker(_initial_schedule(plan, timesteps))
+        if self.tracker.schedule is None and scheduler is None:
             raise PlanError(
                 "the plan records no timestep schedule; enable it on the pipeline (its scheduler "
                 "gives the schedule) or pass timesteps=..."
@@ -74,10 +74,9 @@ class PlanCache:
         self.stats = CacheStats()
 
     def _begin_call(self, timestep: Any) -> None:
-        if self.schedule is None:
-            raise StepMatchError("no schedule yet: the pipeline's scheduler has not set its timesteps")
-        value, eps = timestep_value(timestep)
-        step = match_step(value, eps, self.schedule)
+        if self.tracker.last < 0 and self.tracker.progress == 0 and self.scheduler is not None:
+            self.tracker.begin = getattr(self.scheduler, "begin_index", None) or 0  # img2img starts later
+        step = self.tracker.locate(timestep)
         if step < self.step:
             self.reset()  # a new generation without a scheduler signal (plain loops)
         self.branch = self.branch + 1 if step == self.step else 0
@@ -141,8 +140,7 @@ class PlanCache:
                     f"(first {schedule[0]:g} vs {planned[0]:g}, last {schedule[-1]:g} vs {planned[-1]:g}); "
                     "the scheduler or its config changed"
                 )
-        else:
-            self.schedule = schedule.tolist()
+        self.tracker.start_generation(None if self.plan.target.timesteps is not None else schedule.tolist())
         self.reset()
 
     # ---- hooks -------------------------------------------------------------------------
@@ -175,23 +173,31 @@ class PlanCache:
         self._hooked.append(module)
 
     def _wrap_scheduler(self, scheduler) -> None:
-        original = scheduler.set_timesteps
+        set_original, step_original = scheduler.set_timesteps, scheduler.step
 
-        @functools.wraps(original)  # pipelines inspect its signature
+        @functools.wraps(set_original)  # pipelines inspect its signature
         def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
+            result = set_original(*args, **kwargs)
             self.set_schedule(scheduler.timesteps)
             return result
 
+        @functools.wraps(step_original)
+        def step(*args, **kwargs):
+            result = step_original(*args, **kwargs)
+            self.tracker.advance()
+            return result
+
         scheduler.set_timesteps = set_timesteps
+        scheduler.step = step
 
     def disable(self) -> None:
         """Remove every hook and cached tensor; the model is exactly as before."""
         for module in self._hooked:
             module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
         self._hooked = []
-        if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
-            del self.scheduler.set_timesteps
+        for name in ("set_timesteps", "step"):
+            if self.scheduler is not None and name in vars(self.scheduler):
+                delattr(self.scheduler, name)
         self.reset()
         if getattr(self.transformer, "_invardiff_cache", None) is self:
             del self.transformer._invardiff_cache

@@ -61,3 +61,79 @@ def find_timestep(position: int, args: tuple, kwargs: dict) -> Any:
     if len(args) > position:
         return args[position]
     raise StepMatchError("the transformer was called without a timestep")
+
+
+class StepTracker:
+    """Finds the step of each transformer call in a schedule.
+
+    Without a scheduler (``progress`` None) every call is matched by its timestep value. With
+    the pipeline's scheduler, the step is the scheduler's progress (``begin`` + calls of
+    ``scheduler.step`` since ``set_timesteps``), and the called timestep is still checked
+    against it: at once for CPU timesteps, and for accelerator timesteps on the device, read
+    back once per generation (at its last step), so the sampling loop never waits for the
+    accelerator. A repeated call at one step (CFG as two calls) is matched by value.
+    ``defer_cpu`` treats CPU timesteps like accelerator ones (to test the deferred path).
+    """
+
+    def __init__(self, schedule: Sequence[float] | None, defer_cpu: bool = False) -> None:
+        self.schedule = None if schedule is None else list(schedule)
+        self.defer_cpu = defer_cpu
+        self.progress: int | None = None
+        self.begin = 0
+        self.last = -1
+        self._pending: torch.Tensor | None = None
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def start_generation(self, schedule: Sequence[float] | None = None, begin: int = 0) -> None:
+        """A new generation under the scheduler's control (its set_timesteps was called)."""
+        self.check()
+        if schedule is not None:
+            self.schedule = list(schedule)
+            self._on_device = {}
+        self.progress, self.begin, self.last = 0, begin, -1
+
+    def advance(self) -> None:
+        """The scheduler finished a step."""
+        if self.progress is not None:
+            self.progress += 1
+
+    def locate(self, timestep: Any) -> int:
+        """The step index of a call with ``timestep`` (StepMatchError if it fits none)."""
+        if self.schedule is None:
+            raise StepMatchError("no schedule yet: the pipeline's scheduler has not set its timesteps")
+        predicted = None if self.progress is None else self.begin + self.progress
+        on_device = isinstance(timestep, torch.Tensor) and (self.defer_cpu or timestep.device.type != "cpu")
+        if predicted is None or not on_device or predicted == self.last or predicted >= len(self.schedule):
+            step = match_step(*timestep_value(timestep), self.schedule)
+            if predicted is not None and not on_device and step != predicted and step != self.last:
+                raise StepMatchError(
+                    f"timestep {self.schedule[step]:g} is step {step} of the schedule, but the scheduler is at "
+                    f"step {predicted}; the sampling loop and the scheduler disagree"
+                )
+        else:
+            step = predicted
+            self._defer_check(timestep, step)
+            if step == len(self.schedule) - 1:
+                self.check()
+        self.last = step
+        return step
+
+    def _defer_check(self, timestep: torch.Tensor, step: int) -> None:
+        device = timestep.device
+        if device not in self._on_device:
+            values = torch.tensor(self.schedule, dtype=torch.float64)
+            eps = torch.finfo(timestep.dtype).eps if timestep.dtype.is_floating_point else 0.0
+            tolerance = torch.clamp(values.abs() * eps, min=1e-9)
+            self._on_device[device] = (values.to(device, torch.float32), tolerance.to(device, torch.float32))
+        values, tolerance = self._on_device[device]
+        wrong = ((timestep.detach().reshape(-1).float() - values[step]).abs() > tolerance[step]).any()
+        self._pending = wrong if self._pending is None else self._pending | wrong
+
+    def check(self) -> None:
+        """Raise StepMatchError if a deferred device-side check failed (one sync)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and bool(pending):
+            raise StepMatchError(
+                "a transformer call's timestep did not match the scheduler's step: the plan does not fit this "
+                "sampling loop (the generation ran with wrong reuse decisions)"
+            )
