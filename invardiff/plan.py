@@ -159,12 +159,13 @@ class CachePlan:
         geometry = self.geometry or REFERENCE_GEOMETRY[self.arch]
         execute = executed_modules(self)
         flops = module_flops(self.arch, geometry)
+        # block_fixed: work in FLUX single blocks that runs unless the whole step is skipped
+        fixed = flops["block_fixed"] * (self.modules["single_attn"].shape[1] if self.arch == "flux" else 0)
         full = done = 0.0
         for i in range(self.steps):
             for kind, flags in execute.items():
                 full += flops[kind] * flags.shape[1]
                 done += flops[kind] * float(flags[i].sum())
-            fixed = flops["block_fixed"] * _block_count(self, "single")
             full += fixed
             done += 0.0 if self.step_gate[i] else fixed
         fraction = done / full if full else 1.0
@@ -371,12 +372,6 @@ def _next_is_reuse(computed: np.ndarray, reused: np.ndarray) -> np.ndarray:
         result[i] = upcoming
         upcoming = np.where(reused[i], True, np.where(computed[i], False, upcoming))
     return result
-
-
-def _block_count(plan: CachePlan, which: str) -> int:
-    if plan.arch == "flux" and which == "single":
-        return int(plan.modules["single_attn"].shape[1])
-    return 0
 
 
 def _bits(row: np.ndarray) -> str:

@@ -2,7 +2,7 @@
 
 Streaming trackers turn one module's outputs, step by step, into change scores while holding
 only one or two tensors; the remaining functions turn trajectory-averaged scores into flags.
-Every detail follows the reference implementation (see ``docs/algorithm-notes.md``).
+Every detail follows the reference implementation (README, "Calibration, as implemented").
 """
 
 from __future__ import annotations
