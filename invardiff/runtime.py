@@ -86,7 +86,8 @@ class PlanCache:
         # this step's flags as Python lists: the hooks look them up hundreds of times per step
         self._run_now = {kind: flags[step].tolist() for kind, flags in self.run.items()}
         self._hold_now = {kind: flags[step].tolist() for kind, flags in self.hold.items()}
-        if self.plan.step_gate[step] and self.current.hidden is not None:
+        self._skip_now = bool(self.plan.step_gate[step]) and self.current.hidden is not None
+        if self._skip_now:
             self.stats.steps_skipped += 1
         else:
             self.stats.steps_computed += 1
@@ -97,7 +98,7 @@ class PlanCache:
 
     def skipping(self) -> bool:
         """Is the whole current step reused (and is there an H to reuse)?"""
-        return bool(self.plan.step_gate[self.step]) and self.current.hidden is not None
+        return self._skip_now
 
     def reusing(self, kind: str, layer: int) -> bool:
         """Reuse the cached output of (kind, layer) at the current step?"""
