@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -29,7 +31,11 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = context.config.get_main_option("sqlalchemy.url") or Config.from_env().database_url
+    url = (
+        context.config.get_main_option("sqlalchemy.url")
+        or os.environ.get("INVARDIFF_DATABASE_URL")  # migrations need no object store
+        or Config.from_env().database_url
+    )
     if not url:
         raise SystemExit("no database configured: set INVARDIFF_DATABASE_URL")
     engine = create(url, must_exist=False)

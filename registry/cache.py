@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import RegistryError
 from .matching import canonical
-from .store import intact
+from .store import atomic_write, intact
 
 
 class Cache:
@@ -40,19 +37,20 @@ class Cache:
         return self.root / "refs" / f"{digest}.json"
 
     def valid_blob(self, sha256: str, size: int) -> Path | None:
-        """The blob's path if it is present and intact; a damaged blob is removed."""
+        """The blob's path if it is present and intact.
+
+        A damaged blob is left alone: the download that follows replaces it atomically, and
+        deleting it here could remove an intact blob another process just renamed into place.
+        """
         path = self.blob_path(sha256)
         try:
             data = path.read_bytes()
         except OSError:
             return None
-        if intact(data, sha256, size):
-            return path
-        path.unlink(missing_ok=True)
-        return None
+        return path if intact(data, sha256, size) else None
 
     def lookup(self, identity: dict[str, Any]) -> dict[str, Any] | None:
-        """The recorded answer for a query when its blob is present and intact."""
+        """The recorded answer for a query when its blob is present and intact (any age)."""
         try:
             record = json.loads(self.ref_path(identity).read_bytes())
             sha256, size = record["sha256"], record["size"]
@@ -63,23 +61,9 @@ class Cache:
     def put_blob(self, data: bytes, sha256: str) -> Path:
         """Store verified bytes (see :func:`registry.store.get_blob`) under their sha256."""
         path = self.blob_path(sha256)
-        atomic_write(path, data)
+        atomic_write(path, data, f"cache {path}")
         return path
 
     def put_ref(self, identity: dict[str, Any], record: dict[str, Any]) -> None:
-        atomic_write(self.ref_path(identity), json.dumps(record, sort_keys=True).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    temp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except OSError as exc:
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
-        raise RegistryError(f"cannot write {path}: {exc.strerror}") from None
+        path = self.ref_path(identity)
+        atomic_write(path, json.dumps(record, sort_keys=True).encode(), f"cache {path}")

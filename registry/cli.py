@@ -9,6 +9,7 @@ cached ``fetch`` stay fast; database and S3 code load when a command needs them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from datetime import timedelta
@@ -38,8 +39,26 @@ class _ResolutionType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _FiniteFloat(click.ParamType):
+    """A float that is a real number: ``nan`` and ``inf`` are refused."""
+
+    name = "FLOAT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 RESOLUTION = _ResolutionType()
 STEPS = click.IntRange(min=1)
+FINITE = _FiniteFloat()
 
 
 class _Main(click.Group):
@@ -89,10 +108,15 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _config(ctx: click.Context) -> Config:
+    """The configuration, resolved when a command runs (so ``COMMAND --help`` always works)."""
+    return Config.from_env(**ctx.obj)
+
+
 def _registry(ctx: click.Context, create: bool = False, check_schema: bool = True):
     from .service import Registry
 
-    return Registry.open(ctx.obj, create=create, check_schema=check_schema)
+    return Registry.open(_config(ctx), create=create, check_schema=check_schema)
 
 
 json_option = click.option(
@@ -123,7 +147,7 @@ def main(
     3 not found, 4 integrity failure, 5 database/store unreachable, 6 schema not current,
     7 conflict.
     """
-    ctx.obj = Config.from_env(database_url=database_url, store_url=store_url, cache_dir=cache_dir)
+    ctx.obj = {"database_url": database_url, "store_url": store_url, "cache_dir": cache_dir}
 
 
 # ---- schema ------------------------------------------------------------------------------
@@ -191,7 +215,7 @@ def models() -> None:
 @click.option("--scheduler-config-hash", help="Default scheduler config hash.")
 @click.option("--steps", type=STEPS, help="Default step count.")
 @click.option("--resolution", type=RESOLUTION, help="Default resolution.")
-@click.option("--guidance", type=float, help="Default guidance scale.")
+@click.option("--guidance", type=FINITE, help="Default guidance scale.")
 @click.option("--dtype", help="Default dtype (float32, bfloat16, ...).")
 @click.option(
     "--update", is_flag=True, help="Change an existing alias (e.g. repoint its revision)."
@@ -214,7 +238,7 @@ def models_add(
     if resolution is not None:
         settings.update(height=resolution.height, width=resolution.width)
     model = _registry(ctx).add_model(name, source, revision, arch, settings, update=update)
-    _emit(as_json, model.to_json(), _describe_model(model.to_json()))
+    _emit(as_json, model.to_json(), model.describe())
 
 
 def _guess_arch(source: str) -> str:
@@ -232,8 +256,12 @@ def _guess_arch(source: str) -> str:
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """List model aliases."""
-    rows = [m.to_json() for m in _registry(ctx).models()]
-    _emit(as_json, rows, "\n".join(_describe_model(m) for m in rows) or "no models")
+    models = _registry(ctx).models()
+    _emit(
+        as_json,
+        [m.to_json() for m in models],
+        "\n".join(m.describe() for m in models) or "no models",
+    )
 
 
 @models.command("show")
@@ -244,14 +272,6 @@ def models_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one model alias."""
     model = _registry(ctx).model(name).to_json()
     _emit(as_json, model, "\n".join(f"{k}: {v}" for k, v in model.items()))
-
-
-def _describe_model(model: dict[str, Any]) -> str:
-    revision = f"@{model['revision']}" if model["revision"] else ""
-    return (
-        f"{model['name']}: {model['source']}{revision} ({model['arch']}; {model['pipeline']}, "
-        f"{model['scheduler']}, {model['steps']} steps, {model['width']}x{model['height']})"
-    )
 
 
 # ---- plans -------------------------------------------------------------------------------
@@ -298,7 +318,7 @@ def publish(
     "--allow-nearest", is_flag=True, help="Accept the nearest resolution of the same aspect ratio."
 )
 @click.option("--pipeline", help="Pipeline class (default: prefer the model's).")
-@click.option("--guidance", type=float, help="Guidance scale (default: prefer the model's).")
+@click.option("--guidance", type=FINITE, help="Guidance scale (default: prefer the model's).")
 @click.option("--dtype", help="dtype (default: prefer the model's).")
 @click.option(
     "--scheduler-config-hash", help="Scheduler config hash (default: prefer the model's)."
@@ -329,10 +349,12 @@ def fetch(
     from .client import fetch_plan
 
     query = Query(model=model, resolution=resolution, **fields)
-    result = fetch_plan(query, ctx.obj, refresh=refresh, use_index=use_index, dest=dest)
+    result = fetch_plan(query, _config(ctx), refresh=refresh, use_index=use_index, dest=dest)
     matched = result.to_json()["resolution"]
     asked = f" (asked {result.requested})" if matched != result.requested else ""
     how = "from cache" if result.cached else "resolved"
+    if result.stale:
+        how = "from cache (stale: the registry is unreachable)"
     _log(
         f"{result.match} match: {model} {matched}{asked}, {result.target['steps']} steps, "
         f"v{result.version} ({result.selected_by}), {how}"
@@ -358,8 +380,16 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
     _emit(as_json, rows, "\n".join(lines) or "no plans")
 
 
+model_option = click.option(
+    "--model",
+    "model_name",
+    help="Model alias whose checkpoint the plan is for (when the same plan serves several).",
+)
+
+
 @main.command()
 @click.argument("plan")
+@model_option
 @click.option("--presign", is_flag=True, help="Add a time-limited download URL (S3 stores).")
 @click.option(
     "--expires",
@@ -370,10 +400,17 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
 )
 @json_option
 @click.pass_context
-def show(ctx: click.Context, plan: str, presign: bool, expires: int, as_json: bool) -> None:
+def show(
+    ctx: click.Context,
+    plan: str,
+    model_name: str | None,
+    presign: bool,
+    expires: int,
+    as_json: bool,
+) -> None:
     """Show plan PLAN (a sha256 prefix of at least 6 hex digits)."""
     registry = _registry(ctx)
-    data = registry.show(plan)
+    data = registry.show(plan, model_name)
     if presign:
         data["url"] = registry.store.presign(data["object_key"], expires)
     _emit(as_json, data, "\n".join(f"{k}: {json.dumps(v, default=str)}" for k, v in data.items()))
@@ -385,11 +422,19 @@ def show(ctx: click.Context, plan: str, presign: bool, expires: int, as_json: bo
 @click.option(
     "--expect", type=click.IntRange(min=0), help="Lock version last read (0: alias must be new)."
 )
+@model_option
 @json_option
 @click.pass_context
-def promote(ctx: click.Context, plan: str, alias: str, expect: int | None, as_json: bool) -> None:
+def promote(
+    ctx: click.Context,
+    plan: str,
+    alias: str,
+    expect: int | None,
+    model_name: str | None,
+    as_json: bool,
+) -> None:
     """Point ALIAS of the plan's target at PLAN (optimistic locking)."""
-    result = _registry(ctx).promote(plan, alias, expect)
+    result = _registry(ctx).promote(plan, alias, expect, model_name)
     previous = result["previous_version"]
     moved = f"from v{previous} " if previous else ""
     _emit(

@@ -3,17 +3,23 @@
 Resolution goes through the database when one is configured, else through the index
 objects published in the store (read access to the store is all a client needs). A cache
 hit needs neither: this module imports no database or S3 code until a miss.
+
+A query's cached answer (its ref) is used for ``Config.ref_ttl`` seconds (``INVARDIFF_REF_TTL``,
+default 600); after that the query is resolved again, so an alias move or a new ``latest``
+reaches clients within the TTL. When the registry cannot be reached then, the expired answer
+is used (offline), marked ``stale``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import Cache, atomic_write
+from .cache import Cache
 from .config import Config
-from .errors import NotFound
+from .errors import NotFound, Unreachable
 from .matching import (
     LATEST,
     Query,
@@ -21,6 +27,7 @@ from .matching import (
     Resolved,
     resolve,
 )
+from .store import atomic_write
 
 if TYPE_CHECKING:
     from invardiff import CachePlan
@@ -43,6 +50,7 @@ class FetchResult:
     target: dict[str, Any]
     requested: str
     cached: bool
+    stale: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +66,7 @@ class FetchResult:
             "resolution": f"{self.target['width']}x{self.target['height']}",
             "target": self.target,
             "cached": self.cached,
+            "stale": self.stale,
         }
 
 
@@ -74,10 +83,14 @@ class StoreIndex:
         try:
             data = self.store.get(key)
         except NotFound:
-            names = sorted(o.key[len("index/") : -len(".json")] for o in self.store.list("index/"))
-            raise NotFound(
-                f"unknown model {query.model!r}; models in {self.store.url}: {', '.join(names) or 'none'}"
-            ) from None
+            try:
+                names = sorted(
+                    o.key[len("index/") : -len(".json")] for o in self.store.list("index/")
+                )
+                known = f"models in {self.store.url}: {', '.join(names) or 'none'}"
+            except Unreachable:  # read-only credentials may not allow listing
+                known = f"no readable index for it in {self.store.url} (listing models was refused)"
+            raise NotFound(f"unknown model {query.model!r}; {known}") from None
         model, entries = decode_index(data, f"{self.store.url}/{key}")
         return resolve(model, query, entries)
 
@@ -94,17 +107,26 @@ def fetch_plan(
     cache = Cache(config.cache_dir)
     identity = {"store": config.store_url, "query": query.to_json()}
     record = None if refresh else cache.lookup(identity)
-    cached = record is not None
-    if record is None:
-        record = _download(query, config, cache, use_index)
-        cache.put_ref(identity, record)
+    age = time.time() - record.get("resolved_at", 0) if record else None
+    cached = age is not None and 0 <= age < config.ref_ttl
+    stale = False
+    if not cached:
+        try:
+            fresh = _download(query, config, cache, use_index)
+        except Unreachable:
+            if record is None:
+                raise
+            cached = stale = True  # offline: the expired answer is better than none
+        else:
+            record = {**fresh, "resolved_at": time.time()}
+            cache.put_ref(identity, record)
     cache_path = cache.blob_path(record["sha256"])
     path = cache_path
     if dest is not None:
         target = record["target"]
         name = f"{record['model']}_{target['width']}x{target['height']}_{target['steps']}steps_v{record['version']}.json"
         path = Path(dest) / name
-        atomic_write(path, cache_path.read_bytes())
+        atomic_write(path, cache_path.read_bytes(), f"destination {path}")
     return FetchResult(
         path=path,
         cache_path=cache_path,
@@ -117,6 +139,7 @@ def fetch_plan(
         target=record["target"],
         requested=str(query.resolution),
         cached=cached,
+        stale=stale,
     )
 
 

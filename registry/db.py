@@ -41,12 +41,20 @@ def create(url: str, must_exist: bool = True) -> Engine:
             return create_engine(parsed, connect_args={"connect_timeout": 5}, pool_pre_ping=True)
         except ImportError as exc:
             raise InvalidInput(f"no driver for {display_url(url)}: {exc}") from None
+        except ArgumentError as exc:  # includes NoSuchModuleError: an unknown dialect
+            detail = str(exc).splitlines()[0]
+            raise InvalidInput(f"unsupported database URL {display_url(url)}: {detail}") from None
     path = Path(parsed.database or "")
     if parsed.database in (None, "", ":memory:"):
         raise InvalidInput("the registry needs a SQLite file, not an in-memory database")
     if must_exist and not path.exists():
         raise SchemaMismatch(f"no registry database at {path}: run `invardiff-registry init`")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Unreachable(
+            f"cannot create the database folder {path.parent}: {exc.strerror or exc}"
+        ) from None
     engine = create_engine(parsed, connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")

@@ -51,6 +51,13 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def check_finite(value: float | None, what: str) -> float | None:
+    """Refuse NaN and infinities (they are not JSON and match nothing)."""
+    if value is not None and not math.isfinite(value):
+        raise InvalidInput(f"{what} must be a finite number, got {value}")
+    return value
+
+
 @dataclass(frozen=True, order=True)
 class Resolution:
     """Image size in pixels; written ``WIDTHxHEIGHT``, or one number for a square."""
@@ -96,6 +103,14 @@ class ModelInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """``name: source@revision (arch; pipeline, scheduler, N steps, WxH)``."""
+        revision = f"@{self.revision}" if self.revision else ""
+        return (
+            f"{self.name}: {self.source}{revision} ({self.arch}; {self.pipeline}, "
+            f"{self.scheduler}, {self.steps} steps, {self.width}x{self.height})"
+        )
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
@@ -209,6 +224,8 @@ class Query:
     allow_nearest: bool = False
 
     def __post_init__(self) -> None:
+        check_name(self.model, "model")  # it becomes an object key: index/<model>.json
+        check_finite(self.guidance, "guidance")
         if self.steps is not None and self.steps < 1:
             raise InvalidInput(f"steps must be a positive integer, got {self.steps}")
         if self.alias != LATEST:

@@ -35,6 +35,14 @@ JOB_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 VERSION_STATUSES = ("ready", "revoked")
 
 
+def one_of(column: str, values: tuple[str, ...]) -> str:
+    """SQL ``column IN ('a', 'b')`` for a CHECK constraint (any number of plain values)."""
+    for value in values:
+        if not value.replace("_", "").isalnum():
+            raise ValueError(f"not a plain value for a CHECK constraint: {value!r}")
+    return f"{column} IN (" + ", ".join(f"'{value}'" for value in values) + ")"
+
+
 def utcnow() -> datetime:
     """Timezone-aware now, the default of every timestamp column."""
     return datetime.now(timezone.utc)
@@ -102,7 +110,7 @@ class CalibrationJob(Base):
     """A calibration request, idempotent by ``job_key`` (hash of the canonical request)."""
 
     __tablename__ = "calibration_jobs"
-    __table_args__ = (CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),)
+    __table_args__ = (CheckConstraint(one_of("status", JOB_STATUSES), name="status"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_key: Mapped[str] = mapped_column(String(64), unique=True)
@@ -126,7 +134,7 @@ class PlanVersion(Base):
         UniqueConstraint("target_id", "version"),
         UniqueConstraint("target_id", "sha256"),
         Index(None, "sha256"),
-        CheckConstraint(f"status IN {VERSION_STATUSES!r}", name="status"),
+        CheckConstraint(one_of("status", VERSION_STATUSES), name="status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from .matching import (
     TargetEntry,
     TargetKey,
     VersionInfo,
+    check_finite,
     check_name,
     resolve,
 )
@@ -155,6 +157,7 @@ class Registry:
     # ---- schema and models --------------------------------------------------------------
     def init(self) -> dict[str, Any]:
         """Create or upgrade the schema and register the built-in models."""
+        self.store.check_writable()  # before any change: the indexes are written last
         revision = db.upgrade(self.engine)
         added = [m.name for m in BUILTIN_MODELS if self._insert_model(m)]
         self.write_indexes([m.name for m in BUILTIN_MODELS])
@@ -182,8 +185,10 @@ class Registry:
             raise InvalidInput(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
         if not source.strip():
             raise InvalidInput("the model source must not be empty")
+        check_finite(settings.get("guidance"), "guidance")
         values = {**arch_defaults(arch), **{k: v for k, v in settings.items() if v is not None}}
         model = ModelInfo(name=name, source=source, revision=revision, arch=arch, **values)
+        self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
                 row = session.scalar(select(ModelAlias).where(ModelAlias.name == name))
@@ -191,7 +196,7 @@ class Registry:
                     if _model_info(row) == model:
                         return model
                     raise Conflict(
-                        f"model {name} already exists ({_describe_model(_model_info(row))}); "
+                        f"model {_model_info(row).describe()} already exists; "
                         "pass --update to change it"
                     )
                 if row is None:
@@ -356,10 +361,11 @@ class Registry:
                         )
         return rows
 
-    def show(self, ref: str) -> dict[str, Any]:
-        """Everything about one plan version (by sha256 prefix)."""
+    def show(self, ref: str, model_name: str | None = None) -> dict[str, Any]:
+        """Everything about one plan version (by sha256 prefix; ``model_name`` disambiguates)."""
+        model = self.model(model_name) if model_name else None
         with self.session() as session:
-            row = self._version_by_ref(session, ref)
+            row = self._version_by_ref(session, ref, model)
             target = row.target
             aliases = session.scalars(
                 select(PlanAlias).where(
@@ -385,37 +391,52 @@ class Registry:
                 "created_at": _iso(row.created_at),
             }
 
-    def _version_by_ref(self, session: Session, ref: str) -> PlanVersion:
+    def _version_by_ref(
+        self, session: Session, ref: str, model: ModelInfo | None = None
+    ) -> PlanVersion:
         ref = ref.lower().removeprefix("sha256:")
         if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
             raise InvalidInput(f"plan reference {ref!r}: give at least 6 hex digits of its sha256")
+        query = select(PlanVersion).where(PlanVersion.sha256.startswith(ref))
+        if model is not None:
+            query = query.join(PlanTarget).where(
+                PlanTarget.source == model.source, _is(PlanTarget.revision, model.revision)
+            )
         rows = session.scalars(
-            select(PlanVersion)
-            .where(PlanVersion.sha256.startswith(ref))
-            .options(selectinload(PlanVersion.target))
-            .limit(2)
+            query.options(selectinload(PlanVersion.target)).order_by(PlanVersion.id).limit(2)
         ).all()
         if not rows:
+            of = f" for model {model.name}" if model else ""
             raise NotFound(
-                f"no plan with sha256 starting {ref}; `invardiff-registry list` shows them"
+                f"no plan with sha256 starting {ref}{of}; `invardiff-registry list` shows them"
+            )
+        if len(rows) > 1 and rows[0].sha256 == rows[1].sha256:
+            raise InvalidInput(
+                f"plan {rows[0].sha256[:12]} is published for several checkpoints: "
+                "pass --model to choose one"
             )
         if len(rows) > 1:
             raise InvalidInput(f"plan reference {ref} is ambiguous: give more hex digits")
         return rows[0]
 
     # ---- aliases ------------------------------------------------------------------------
-    def promote(self, ref: str, alias: str, expect: int | None = None) -> dict[str, Any]:
+    def promote(
+        self, ref: str, alias: str, expect: int | None = None, model_name: str | None = None
+    ) -> dict[str, Any]:
         """Point ``alias`` of the plan's target at the plan.
 
         ``expect`` is the alias's lock version the caller last read (0: must not exist yet);
         a different current value, or a concurrent move, raises :class:`Conflict`.
+        ``model_name`` picks the checkpoint when the same plan is published for several.
         """
         check_name(alias, "alias")
         if alias == LATEST:
             raise InvalidInput("'latest' is computed (highest ready version) and cannot be moved")
+        model = self.model(model_name) if model_name else None
+        self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
-                row = self._version_by_ref(session, ref)
+                row = self._version_by_ref(session, ref, model)
                 if row.status != READY:
                     raise InvalidInput(
                         f"plan {row.sha256[:12]} is {row.status}, only ready plans can be promoted"
@@ -481,6 +502,15 @@ class Registry:
                 self.store.put(index_key(model.name), encode_index(model, entries))
 
     # ---- maintenance --------------------------------------------------------------------
+    def _is_referenced(self, object_key: str) -> bool:
+        with self.session() as session:
+            return (
+                session.scalar(
+                    select(PlanVersion.id).where(PlanVersion.object_key == object_key).limit(1)
+                )
+                is not None
+            )
+
     def verify(self) -> dict[str, Any]:
         """Re-hash every stored plan object; report missing and corrupt ones."""
         with self.session() as session:
@@ -504,7 +534,10 @@ class Registry:
     def gc(self, min_age: timedelta, dry_run: bool = False) -> dict[str, Any]:
         """Delete plan objects no version references, once older than ``min_age``.
 
-        The age guard protects a concurrent publish between its store write and its commit.
+        The age guard protects a concurrent publish between its store write and its commit
+        (a publish of bytes already stored refreshes their age where the store allows it).
+        Each object is checked again right before it is deleted, so a publish committed
+        since the listing keeps its object.
         """
         with self.session() as session:
             referenced = set(session.scalars(select(PlanVersion.object_key)))
@@ -513,8 +546,12 @@ class Registry:
             o for o in self.store.list("plans/") if o.key not in referenced and o.modified <= cutoff
         ]
         if not dry_run:
+            deleted = []
             for orphan in orphans:
-                self.store.delete(orphan.key)
+                if not self._is_referenced(orphan.key):
+                    self.store.delete(orphan.key)
+                    deleted.append(orphan)
+            orphans = deleted
         return {
             "dry_run": dry_run,
             "deleted": [o.key for o in orphans],
@@ -560,6 +597,15 @@ def _load_for(
                 f"{path.name} is for revision {target.revision} but model {model.name} is at "
                 f"{model.revision or 'no pinned revision'}"
             )
+        if target.revision is None and model.revision is not None:
+            # Accepting it would let the same bytes land under several revisions.
+            raise InvalidInput(
+                f"{path.name} records no checkpoint revision but model {model.name} is pinned to "
+                f"{model.revision}: recalibrate against that revision, or set the plan's "
+                f"target.revision to {model.revision} if it was calibrated on it"
+            )
+    if target.guidance is not None and not math.isfinite(target.guidance):
+        raise InvalidInput(f"{path.name} records a non-finite guidance ({target.guidance})")
     if target.height is None or target.width is None:
         raise InvalidInput(f"{path.name} records no resolution; publish needs one")
     recorded = Resolution(width=target.width, height=target.height)
@@ -603,10 +649,6 @@ def _iso(moment: datetime) -> str:
 
 def _model_info(row: ModelAlias) -> ModelInfo:
     return ModelInfo(**{f.name: getattr(row, f.name) for f in fields(ModelInfo)})
-
-
-def _describe_model(model: ModelInfo) -> str:
-    return f"{model.source}" + (f"@{model.revision}" if model.revision else "") + f", {model.arch}"
 
 
 def _target_key(row: PlanTarget) -> TargetKey:

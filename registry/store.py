@@ -45,8 +45,20 @@ class ObjectStore(ABC):
     url: str
 
     @abstractmethod
+    def check_writable(self) -> None:
+        """Raise :class:`Unreachable` unless writes can be expected to succeed.
+
+        Writers call it before changing the database, so that an unreachable store fails the
+        command before anything is committed (the index write comes after the commit).
+        """
+
+    @abstractmethod
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
-        """Write ``data`` unless ``key`` exists (write-once); True when this call wrote it."""
+        """Write ``data`` unless ``key`` exists (write-once); True when this call wrote it.
+
+        When the object exists, its modification time is refreshed where the store allows it,
+        so that ``gc`` does not take a blob a publish is about to reference for an old orphan.
+        """
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -103,6 +115,39 @@ def get_blob(store: ObjectStore, ref: BlobRef) -> bytes:
     return verify_bytes(store.get(ref.key), ref.sha256, ref.size, f"{store.url}/{ref.key}")
 
 
+def write_temp(path: Path, data: bytes, where: str) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` and return its name.
+
+    Any OSError (missing directory, permission, disk full) removes the temporary file and
+    becomes :class:`Unreachable` naming ``where``.
+    """
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return Path(temp)
+    except OSError as exc:
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+        raise Unreachable(f"cannot write to {where}: {exc.strerror or exc}") from None
+
+
+def atomic_write(path: Path, data: bytes, where: str | None = None) -> None:
+    """Write ``path`` through a temporary file renamed into place (readers never see a part).
+
+    A failure leaves no temporary file behind and raises :class:`Unreachable`.
+    """
+    where = where or str(path)
+    temp = write_temp(path, data, where)
+    try:
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise Unreachable(f"cannot write to {where}: {exc.strerror or exc}") from None
+
+
 def open_store(url: str, s3_endpoint_url: str | None = None) -> ObjectStore:
     """The store for ``url``: ``s3://bucket/prefix``, ``file:///dir`` or a directory path."""
     parsed = urlparse(url)
@@ -130,32 +175,47 @@ class LocalStore(ObjectStore):
             raise InvalidInput(f"invalid object key {key!r}")
         return self.root.joinpath(*parts)
 
-    def _temp(self, path: Path, data: bytes) -> Path:
+    def _unwritable(self, exc: OSError) -> Unreachable:
+        return Unreachable(f"cannot write to store {self.url}: {exc.strerror or exc}")
+
+    def check_writable(self) -> None:
+        # The root, or the nearest existing folder above it, must be a writable directory.
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise self._unwritable(NotADirectoryError(20, os.strerror(20)))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise self._unwritable(PermissionError(13, os.strerror(13)))
+
+    def _touch(self, path: Path) -> bool:
+        """Refresh an existing object's mtime (see :meth:`ObjectStore.put_new`); False if absent."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
         except OSError as exc:
-            raise Unreachable(f"cannot write to store {self.url}: {exc.strerror}") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return Path(name)
+            raise self._unwritable(exc) from None
 
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
         path = self._path(key)
-        if path.exists():
+        if self._touch(path):
             return False
-        temp = self._temp(path, data)
+        temp = write_temp(path, data, f"store {self.url}")
         try:
             os.link(temp, path)
             return True
         except FileExistsError:
+            self._touch(path)
             return False
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         finally:
-            temp.unlink()
+            temp.unlink(missing_ok=True)
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        os.replace(self._temp(path, data), path)
+        atomic_write(self._path(key), data, f"store {self.url}")
 
     def get(self, key: str) -> bytes:
         try:
@@ -218,6 +278,10 @@ class S3Store(ObjectStore):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(f"no object {key} in store {self.url}") from None
+            if code == "AccessDenied" and operation == "get_object" and key.startswith("index/"):
+                # Without s3:ListBucket, S3 answers 403 instead of 404 for a missing key: a
+                # read-only client cannot tell the two apart, and a missing index is common.
+                raise NotFound(f"no readable object {key} in store {self.url}") from None
             if code == "BadDigest":
                 raise IntegrityFailure(
                     f"store {self.url} rejected {key}: checksum mismatch in upload"
@@ -230,6 +294,12 @@ class S3Store(ObjectStore):
             ) from None
         except BotoCoreError as exc:
             raise Unreachable(f"cannot reach store {self.url}: {exc}") from None
+
+    def check_writable(self) -> None:
+        try:
+            self._call("head_bucket", "")
+        except NotFound:
+            raise Unreachable(f"store {self.url}: bucket {self.bucket} does not exist") from None
 
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
         from base64 import b64encode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import socket
@@ -277,6 +278,60 @@ BAD_INPUTS = [
     ),
     (["--database-url", "notaurl", "list"], errors.USAGE, "malformed database URL"),
     (["frobnicate"], errors.USAGE, "No such command"),
+    # an unreachable store fails writers before the database changes
+    (
+        ["--store-url", "{file}", "promote", "{sha}", "--alias", "staging"],
+        errors.UNREACHABLE,
+        "cannot write to store",
+    ),
+    (
+        ["--store-url", "{file}/sub", "models", "add", "new-model", "hf://org/x", "--arch", "dit"],
+        errors.UNREACHABLE,
+        "cannot write to store",
+    ),
+    (
+        ["--store-url", "s3://bucket/x", "promote", "{sha}", "--alias", "staging"],
+        errors.UNREACHABLE,
+        "cannot reach store",
+    ),
+    (
+        [
+            "--store-url",
+            "s3://bucket/x",
+            "models",
+            "add",
+            "new-model",
+            "hf://org/x",
+            "--arch",
+            "dit",
+        ],
+        errors.UNREACHABLE,
+        "cannot reach store",
+    ),
+    # non-finite floats
+    (
+        ["models", "add", "new-model", "hf://org/x", "--arch", "dit", "--guidance", "nan"],
+        errors.USAGE,
+        "not a finite number",
+    ),
+    (["fetch", "flux-dev", "1024", "--guidance", "inf"], errors.USAGE, "not a finite number"),
+    (["fetch", "flux-dev", "1024", "--guidance", "-Infinity"], errors.USAGE, "not a finite"),
+    # bad database URLs
+    (["--database-url", "foo://x", "list"], errors.USAGE, "unsupported database URL foo://x"),
+    (
+        ["--database-url", "sqlite:////proc/nope/x.db", "init"],
+        errors.UNREACHABLE,
+        "cannot create the database folder /proc/nope",
+    ),
+    # model names become object keys
+    (["fetch", "../../etc", "1024", "--index"], errors.USAGE, "invalid model name"),
+    (["fetch", "../../etc", "1024"], errors.USAGE, "invalid model name"),
+    (
+        ["--store-url", "s3://bucket/x", "fetch", "../x", "16", "--index"],
+        errors.USAGE,
+        "invalid model name",
+    ),
+    (["show", "{sha}", "--model", "nobody"], errors.NOT_FOUND, "unknown model"),
 ]
 
 
@@ -401,3 +456,151 @@ def test_subprocess_errors_are_one_line_without_traceback(config):
         assert result.stdout == ""
     debug = run_cli("fetch", "nobody", "1024", env={**env, "INVARDIFF_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# ---- configuration, disambiguation, ref expiry, cache repair, failed writes ----------------
+def test_a_server_database_without_a_store_url_is_refused(cli, config, monkeypatch, tmp_path):
+    monkeypatch.delenv("INVARDIFF_STORE_URL")
+    server = f"postgresql://postgres@127.0.0.1:{closed_port()}/x"
+    for args in (
+        ["--database-url", server, "list"],
+        ["--database-url", server, "fetch", "m", "16"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == errors.USAGE, (args, result.stderr)
+        assert (
+            len(result.stderr.strip().splitlines()) == 1 and "INVARDIFF_STORE_URL" in result.stderr
+        )
+    monkeypatch.setenv("INVARDIFF_DATABASE_URL", server)
+    assert cli("models", "list").exit_code == errors.USAGE
+    assert cli("fetch", "--help").exit_code == 0  # help needs no configuration
+    local = cli("--store-url", str(tmp_path / "here"), "list")  # an explicit local store is fine
+    assert local.exit_code == errors.UNREACHABLE and "cannot reach database" in local.stderr
+    monkeypatch.delenv("INVARDIFF_DATABASE_URL")
+    embedded = cli("init", "--json")  # nothing set: SQLite and a store under INVARDIFF_HOME
+    assert embedded.exit_code == 0, embedded.stderr
+
+
+def test_a_plan_published_for_two_checkpoints_is_chosen_with_model(cli, config, tmp_path):
+    from test_registry_service import native_flux
+
+    assert cli("init").exit_code == 0
+    # "org/shared" is both the checkpoint of shared-a and the source of shared-b (unpinned)
+    for name, source in (("shared-a", "hf://org/shared"), ("shared-b", "org/shared")):
+        assert cli("models", "add", name, source, "--arch", "flux").exit_code == 0
+    plan = native_flux(tmp_path, model_id="org/shared", revision=None)
+    shas = {
+        ok_json(cli("publish", str(plan), "--model", m, "--resolution", "1024", "--json"))["sha256"]
+        for m in ("shared-a", "shared-b")
+    }
+    assert len(shas) == 1
+    sha = shas.pop()
+    for args in (["show", sha], ["promote", sha, "--alias", "production"]):
+        result = cli(*args)
+        assert result.exit_code == errors.USAGE and "pass --model" in result.stderr, result.stderr
+    assert ok_json(cli("show", sha, "--model", "shared-b", "--json"))["models"] == ["shared-b"]
+    promoted = ok_json(
+        cli("promote", sha[:8], "--alias", "production", "--model", "shared-a", "--json")
+    )
+    assert promoted["target"]["source"] == "hf://org/shared"
+    assert (
+        ok_json(cli("fetch", "shared-a", "1024", "--alias", "production", "--json"))["sha256"]
+        == sha
+    )
+    assert cli("fetch", "shared-b", "1024", "--alias", "production").exit_code == errors.NOT_FOUND
+
+
+def _age_refs(cache_dir: Path, seconds: float) -> None:
+    import time
+
+    for ref in (Path(cache_dir) / "refs").glob("*.json"):
+        record = json.loads(ref.read_text())
+        record["resolved_at"] = time.time() - seconds
+        ref.write_text(json.dumps(record))
+
+
+def test_cached_answers_expire_after_the_ref_ttl(cli, config, monkeypatch):
+    registry = make_registry(config)
+    shas = [
+        registry.publish(p, "flux-dev", Resolution.parse("1024")).version.sha256
+        for p in FLUX_PLANS[:2]
+    ]
+    registry.promote(shas[0], "production")
+    production = ("fetch", "flux-dev", "1024", "--alias", "production", "--json")
+    first = ok_json(cli(*production))
+    assert (first["sha256"], first["cached"], first["stale"]) == (shas[0], False, False)
+    registry.promote(shas[1], "production")
+    assert ok_json(cli(*production))["sha256"] == shas[0]  # within the TTL: no registry access
+    _age_refs(config.cache_dir, 601)  # past the default TTL (600 s): resolved again
+    moved = ok_json(cli(*production))
+    assert (moved["sha256"], moved["cached"]) == (shas[1], False)
+
+    registry.promote(shas[0], "production")
+    _age_refs(config.cache_dir, 601)
+    offline = cli("--database-url", f"postgresql://u@127.0.0.1:{closed_port()}/x", *production)
+    document = ok_json(offline)  # registry unreachable: the expired answer, marked stale
+    assert (document["sha256"], document["cached"], document["stale"]) == (shas[1], True, True)
+    assert "stale" in offline.stderr
+    refresh = cli(
+        "--database-url", f"postgresql://u@127.0.0.1:{closed_port()}/x", *production, "--refresh"
+    )
+    assert refresh.exit_code == errors.UNREACHABLE  # --refresh insists on the registry
+
+    monkeypatch.setenv("INVARDIFF_REF_TTL", "0")
+    assert ok_json(cli(*production))["sha256"] == shas[0]
+    monkeypatch.setenv("INVARDIFF_REF_TTL", "soon")
+    bad = cli(*production)
+    assert bad.exit_code == errors.USAGE and "INVARDIFF_REF_TTL" in bad.stderr
+
+
+def test_a_damaged_cached_blob_is_replaced_not_deleted_on_read(cli, config):
+    from registry.cache import Cache
+
+    registry = make_registry(config)
+    registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
+    first = ok_json(cli("fetch", "flux-dev", "1024", "--json"))
+    blob = Path(first["cache_path"])
+    blob.write_bytes(b"damaged")
+    assert Cache(Path(config.cache_dir)).valid_blob(first["sha256"], first["size"]) is None
+    assert blob.read_bytes() == b"damaged"  # reading never deletes: that could hit a fresh rename
+    again = ok_json(cli("fetch", "flux-dev", "1024", "--json"))
+    assert (again["sha256"], again["cached"]) == (first["sha256"], False)
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == first["sha256"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_failed_write_is_exit_5_and_leaves_no_temporary_file(config, tmp_path):
+    """A real write failure: the file size limit (EFBIG) stands in for a full disk."""
+    import resource
+    import signal
+
+    registry = make_registry(config)
+    registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
+    limit = 4096  # the plans are larger
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, **cli_env(config), "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    before = snapshot(config)
+    for args, where in (
+        (["publish", str(FLUX_PLANS[1]), "--model", "flux-dev", "--resolution", "1024"], "store"),
+        (["fetch", "flux-dev", "1024"], "cache"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "registry", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            preexec_fn=small_files,
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == errors.UNREACHABLE, (args, result.stderr)
+        assert len(lines) == 1 and f"cannot write to {where}" in lines[0], result.stderr
+        after = snapshot(config)
+        assert {**after, "cache": []} == {**before, "cache": []}, args
+    leftovers = [*Path(config.store_url).rglob(".tmp-*"), *Path(config.cache_dir).rglob("*")]
+    assert [p for p in leftovers if p.is_file()] == []  # no temporary file, nothing cached

@@ -66,3 +66,33 @@ def test_commands_refuse_a_missing_or_other_schema(database_url, tmp_path, monke
     current = runner.invoke(main, ["db", "current", "--json"])
     assert current.exit_code == 0 and '"up_to_date": false' in current.stdout
     engine.dispose()
+
+
+def test_status_check_constraints_are_built_for_any_number_of_values(database_url):
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    from registry.models import VERSION_STATUSES, one_of
+
+    assert one_of("status", ("ready",)) == "status IN ('ready')"  # a tuple repr says ('ready',)
+    assert one_of("status", ("a", "b_c")) == "status IN ('a', 'b_c')"
+    with pytest.raises(ValueError):
+        one_of("status", ("it's",))
+    engine = db.create(database_url, must_exist=False)
+    db.upgrade(engine)
+    insert = text(
+        "INSERT INTO plan_targets (key_hash, source, steps, height, width, created_at) "
+        "VALUES ('k', 's', 1, 1, 1, CURRENT_TIMESTAMP)"
+    )
+    version = (
+        "INSERT INTO plan_versions (target_id, version, sha256, size, object_key, format_version, "
+        "status, metrics, lineage, created_at) VALUES ((SELECT id FROM plan_targets), {n}, "
+        "'{n}', 1, 'k', 1, '{status}', '{{}}', '{{}}', CURRENT_TIMESTAMP)"
+    )
+    with engine.begin() as connection:
+        connection.execute(insert)
+        for n, status in enumerate(VERSION_STATUSES):
+            connection.execute(text(version.format(n=n, status=status)))
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(text(version.format(n=9, status="bogus")))
+    engine.dispose()

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from registry_helpers import DIT_PLANS, FLUX_PLANS, FLUX_SOURCE
+from registry_helpers import DIT_PLANS, FLUX_PLANS, FLUX_SOURCE, make_registry
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -21,6 +21,7 @@ from registry.index import index_key
 from registry.matching import Query, Resolution
 from registry.models import PlanAlias, PlanVersion
 from registry.service import Registry
+from registry.store import put_blob
 
 
 def native_flux(tmp_path: Path, name: str = "native.json", **target) -> Path:
@@ -75,6 +76,11 @@ def test_models_add_is_idempotent_and_refuses_silent_changes(registry: Registry)
     assert registry.model("flux-dev") == moved and moved.steps == 50
     with pytest.raises(InvalidInput):
         registry.add_model("Bad Name", FLUX_SOURCE, None, "flux", {})
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(InvalidInput, match="finite"):
+            registry.add_model("flux-nan", FLUX_SOURCE, None, "flux", {"guidance": value})
+    with pytest.raises(NotFound):
+        registry.model("flux-nan")
     with pytest.raises(NotFound, match="known models: digits-dit, digits-flux, flux-dev"):
         registry.model("nope")
 
@@ -121,6 +127,12 @@ def test_publish_validates_against_model_and_plan(registry: Registry, tmp_path: 
         ),
         "is for revision": (
             native_flux(tmp_path, "rev.json", revision="zzz"),
+            "flux-dev",
+            r1024,
+            None,
+        ),
+        "records no checkpoint revision but model flux-dev is pinned to 0123abc": (
+            native_flux(tmp_path, "norev.json", revision=None),
             "flux-dev",
             r1024,
             None,
@@ -255,3 +267,99 @@ def test_verify_and_gc(registry: Registry):
     assert report["ok"] == 0 and report["failures"][0]["problem"] == "corrupt"
     registry.store.delete(result.version.object_key)
     assert registry.verify()["failures"][0]["problem"] == "missing"
+
+
+def test_republishing_stored_bytes_protects_them_from_gc(registry: Registry):
+    """A local put_new of bytes already stored refreshes their age (gc's in-flight guard)."""
+    import os
+    import time
+
+    data = load_plan(
+        FLUX_PLANS[0], model_id="black-forest-labs/FLUX.1-dev", revision="0123abc"
+    ).to_bytes()
+    orphan = put_blob(registry.store, data)  # e.g. left by a publish that failed to commit
+    path = registry.store.root / orphan.key
+    old = time.time() - 7200
+    os.utime(path, (old, old))
+    assert registry.gc(timedelta(hours=1), dry_run=True)["deleted"] == [orphan.key]
+    assert put_blob(registry.store, data) == orphan  # what a new publish does first
+    assert registry.gc(timedelta(hours=1))["deleted"] == []
+    assert registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024")).created
+    assert registry.verify()["failures"] == []
+
+
+@pytest.mark.parametrize("store_kind", ["local", "seaweed"])
+def test_gc_rechecks_each_object_before_deleting_it(store_kind, config, request):
+    """A publish that commits while gc runs keeps its object (gc re-reads the references)."""
+    if store_kind == "seaweed":
+        seaweed = request.getfixturevalue("seaweed")
+        config = replace(
+            config,
+            store_url=request.getfixturevalue("seaweed_store"),
+            s3_endpoint_url=seaweed.endpoint,
+        )
+    registry = make_registry(config)
+    data = load_plan(
+        FLUX_PLANS[0], model_id="black-forest-labs/FLUX.1-dev", revision="0123abc"
+    ).to_bytes()
+    orphan = put_blob(registry.store, data)
+    listing = registry.store.list
+
+    def list_then_publish(prefix):
+        objects = list(listing(prefix))  # gc has read the references and listed the objects
+        registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))  # commits now
+        return iter(objects)
+
+    registry.store.list = list_then_publish
+    assert registry.gc(timedelta(0))["deleted"] == []
+    registry.store.list = listing
+    assert registry.verify() == {"checked": 1, "ok": 1, "failures": []}
+    assert [o.key for o in registry.store.list("plans/")] == [orphan.key]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_read_only_s3_credentials_see_a_refused_index_as_not_found(
+    config, moto_s3, tmp_path: Path, monkeypatch
+):
+    """moto with IAM checks on: SeaweedFS answers 404 (not 403) for missing keys even to a
+    read-only identity, so AWS's 403-without-ListBucket behaviour is reproduced by a policy
+    that grants GetObject on the existing objects only."""
+    import boto3
+    from click.testing import CliRunner
+    from moto.core import enable_iam_authentication
+
+    from registry.cli import main
+
+    config = replace(config, store_url=moto_s3)
+    registry = make_registry(config)
+    registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
+    bucket, prefix = moto_s3.removeprefix("s3://").split("/", 1)
+    allowed = [f"arn:aws:s3:::{bucket}/{prefix}/{k}" for k in ("plans/*", "index/flux-dev.json")]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": allowed}],
+    }
+    iam = boto3.client("iam", region_name="us-east-1")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="get", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials it read
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("INVARDIFF_STORE_URL", moto_s3)
+    monkeypatch.setenv("INVARDIFF_CACHE_DIR", str(tmp_path / "reader-cache"))
+    runner = CliRunner()
+    with enable_iam_authentication():
+        found = runner.invoke(main, ["fetch", "flux-dev", "1024", "--json"])
+        assert found.exit_code == 0, found.stderr
+        missing = runner.invoke(main, ["fetch", "nobody", "1024"])
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOBODY")  # unknown key: still refused
+        wrong = runner.invoke(main, ["fetch", "digits-dit", "16", "--refresh"])
+    assert missing.exit_code == 3, missing.stderr  # was 5: "refused get_object ... AccessDenied"
+    assert (
+        "unknown model 'nobody'" in missing.stderr
+        and "listing models was refused" in missing.stderr
+    )
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert wrong.exit_code == 5 and "InvalidAccessKeyId" in wrong.stderr, wrong.stderr

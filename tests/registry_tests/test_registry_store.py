@@ -89,3 +89,18 @@ def test_local_store_refuses_escaping_keys(tmp_path: Path):
     for key in ("../x", "a/../../x", "", ".hidden/x"):
         with pytest.raises(InvalidInput):
             store.put(key, b"")
+
+
+def test_check_writable(store):
+    store.check_writable()  # local, moto and SeaweedFS stores that accept writes
+
+
+def test_check_writable_reports_unwritable_stores(tmp_path: Path, moto_s3):
+    LocalStore(tmp_path / "new" / "deeper").check_writable()  # creatable, and not created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "a-file").write_text("x")
+    for root in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+        with pytest.raises(Unreachable, match="cannot write to store"):
+            LocalStore(root).check_writable()
+    with pytest.raises(Unreachable, match="bucket no-such-bucket does not exist"):
+        open_store("s3://no-such-bucket/p").check_writable()
