@@ -153,12 +153,10 @@ class PlanCache:
             self._register(block, _BlockHook(self, self.arch, last=n == len(blocks) - 1))
         for kind in MODULE_KINDS[self.arch]:
             if kind.name == "context_attn":
-                continue  # served by the joint `attn` hook
+                continue  # FLUX joint attention: the `attn` hook caches both halves as one output
             for layer, block in enumerate(getattr(self.transformer, kind.layers)):
                 module = getattr(block, kind.attribute)
-                if kind.name == "attn" and self.arch == "flux":
-                    self._register(module, _JointAttentionHook(self, layer))
-                elif kind.name == "single_mlp":
+                if kind.name == "single_mlp":
                     self._register(module, _ModuleHook(self, "single_mlp", layer, compute_only=True))
                     self._register(block.act_mlp, _ModuleHook(self, "single_mlp", layer, pass_through=True))
                 else:
@@ -268,25 +266,6 @@ class _ModuleHook(ModelHook):
             cache.stats.module_calls += 1
         if not self.compute_only:
             cache.store(self.kind, self.layer, output)
-        return output
-
-
-class _JointAttentionHook(ModelHook):
-    """FLUX double-block attention: one call gives the image and the text half."""
-
-    def __init__(self, cache: PlanCache, layer: int) -> None:
-        super().__init__()
-        self.cache = cache
-        self.layer = layer
-
-    def new_forward(self, module, *args, **kwargs):
-        cache = self.cache
-        if cache.reusing("attn", self.layer):
-            cache.stats.module_reuses += 1
-            return cache.take("attn", self.layer)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        cache.stats.module_calls += 1
-        cache.store("attn", self.layer, output)
         return output
 
 
