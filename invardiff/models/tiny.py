@@ -2,11 +2,13 @@
 
 Everything is built from configs in memory (no files, no hub), in float32 (torch's default
 dtype) and ``eval()`` mode, as a deterministic function of ``seed``: construction runs under a
-forked, seeded torch RNG, so the caller's global RNG state is left untouched. Random weights are unfit for quality
-claims; use the trained built-in models (:func:`invardiff.models.load_builtin`) for those.
+forked, seeded torch RNG, so the caller's global RNG state is left untouched. Random weights
+are unfit for quality claims; use the trained built-in models (``load_builtin``) for those.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -15,9 +17,11 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
     FluxTransformer2DModel,
 )
+
+if TYPE_CHECKING:  # importing FluxPipeline imports transformers (the ``text`` extra)
+    from diffusers import FluxPipeline
 
 __all__ = [
     "flux_rope_axes",
@@ -178,6 +182,7 @@ def tiny_flux_pipeline(
     2, so height and width must be multiples of 4; 32x32 images give 64 image tokens. Pass a
     small ``max_sequence_length`` (e.g. 8) to keep the T5 context short.
     """
+    from diffusers import FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     text_dim = 32
