@@ -18,12 +18,21 @@ import numpy as np
 from .official import load_plan
 from .plan import PlanError
 
-DEFAULT_STEPS = {"digits-dit": 50, "digits-flux": 28}
+BUILTIN = ("digits-dit", "digits-flux")
 
 
-def calibration_calls(model: str, trajectories: int, guidance: float, steps: int | None = None) -> list[dict]:
+def builtin_settings(model: str) -> tuple[int, float]:
+    """Steps and guidance of a built-in model's documented protocol."""
+    from .models import BUILTIN_MODELS
+
+    settings = BUILTIN_MODELS[model]
+    return int(settings["num_inference_steps"]), float(settings["guidance_scale"])
+
+
+def calibration_calls(model: str, trajectories: int, guidance: float | None = None) -> list[dict]:
     """Deterministic calls for a built-in model: one digit class and one seed each."""
-    steps = steps or DEFAULT_STEPS[model]
+    steps, default_guidance = builtin_settings(model)
+    guidance = default_guidance if guidance is None else guidance
     return [
         {"class_labels": [i % 10], "num_inference_steps": steps, "guidance_scale": guidance, "seed": 1000 + i}
         for i in range(trajectories)
@@ -53,13 +62,16 @@ def _grid(rows: list[np.ndarray], scale: int = 4) -> "Image.Image":  # noqa: F82
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def run_demo(model: str, preset: str, trajectories: int, guidance: float, batch: int, repeats: int, out: Path) -> dict:
+def run_demo(
+    model: str, preset: str, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
+) -> dict:
     """Calibrate ``model`` in-process, then time and compare full vs cached generation."""
     from . import calibrate, cached, metrics
     from .models import load_builtin
 
     pipe = load_builtin(model)
-    steps = DEFAULT_STEPS[model]
+    steps, default_guidance = builtin_settings(model)
+    guidance = default_guidance if guidance is None else guidance
     started = time.perf_counter()
     plan = calibrate(pipe, calibration_calls(model, trajectories, guidance), preset=preset, model_id=model,
                      progress=lambda m: print(f"  {m}", file=sys.stderr))  # fmt: skip
@@ -83,6 +95,7 @@ def run_demo(model: str, preset: str, trajectories: int, guidance: float, batch:
     return {
         "model": model,
         "preset": preset,
+        "guidance": guidance,
         "plan": str(plan_path),
         "sha256": plan.sha256,
         "png": str(png),
@@ -110,19 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="invardiff", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="calibrate a built-in model, compare cached vs full (speed-up, PSNR, PNG)")
-    demo.add_argument("--model", default="digits-flux", choices=sorted(DEFAULT_STEPS))
+    demo.add_argument("--model", default="digits-flux", choices=BUILTIN)
     demo.add_argument("--preset", default="fast", choices=["fast", "slow"])
     demo.add_argument("--trajectories", type=int, default=8)
-    demo.add_argument("--guidance", type=float, default=1.5)
+    demo.add_argument("--guidance", type=float, help="default: the model's documented guidance")
     demo.add_argument("--batch", type=int, default=32)
     demo.add_argument("--repeats", type=int, default=3)
     demo.add_argument("--out", type=Path, default=Path("out"))
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     cal = sub.add_parser("calibrate", help="calibrate a built-in model and write the plan")
-    cal.add_argument("--model", default="digits-flux", choices=sorted(DEFAULT_STEPS))
+    cal.add_argument("--model", default="digits-flux", choices=BUILTIN)
     cal.add_argument("--preset", default="fast", choices=["fast", "slow"])
     cal.add_argument("--trajectories", type=int, default=8)
-    cal.add_argument("--guidance", type=float, default=1.5)
+    cal.add_argument("--guidance", type=float, help="default: the model's documented guidance")
     cal.add_argument("--out", type=Path, required=True)
     show = sub.add_parser("show", help="print a plan's target and summary")
     show.add_argument("plan", type=Path)

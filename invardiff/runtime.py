@@ -190,14 +190,14 @@ class PlanCache:
         scheduler.step = step
 
     def disable(self) -> None:
-        """Remove every hook and cached tensor; the model is exactly as before."""
+        """Remove every hook and cached tensor; the model is exactly as before (stats are kept)."""
         for module in self._hooked:
             module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
         self._hooked = []
         for name in ("set_timesteps", "step"):
             if self.scheduler is not None and name in vars(self.scheduler):
                 delattr(self.scheduler, name)
-        self.reset()
+        self._branches = []  # release cached tensors; stats stay readable
         if getattr(self.transformer, "_invardiff_cache", None) is self:
             del self.transformer._invardiff_cache
 
