@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch

@@ -89,7 +89,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Geometry":
+    def from_json(cls, data: dict) -> Geometry:
         return cls(
             dim=int(data["dim"]),
             tokens=int(data["tokens"]),

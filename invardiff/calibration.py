@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -72,7 +73,7 @@ class CalibrationParams:
     max_consecutive: int | None = None
 
     @classmethod
-    def resolve(cls, arch: str, preset: str | None = None, **overrides: Any) -> "CalibrationParams":
+    def resolve(cls, arch: str, preset: str | None = None, **overrides: Any) -> CalibrationParams:
         """Preset values (default ``"fast"``) with single values overridden."""
         preset = preset or "fast"
         if preset not in PRESETS[arch]:
@@ -143,7 +144,7 @@ class TrajectoryStats:
         return save_tensors(tensors, metadata={"invardiff": canonical_json(meta).decode()})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TrajectoryStats":
+    def from_bytes(cls, data: bytes) -> TrajectoryStats:
         tensors = load_tensors(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["invardiff"])

@@ -51,7 +51,7 @@ def _generate(pipe, labels, steps, guidance, seed):
     ).images
 
 
-def _grid(rows: list[np.ndarray], scale: int = 4) -> "Image.Image":  # noqa: F821
+def _grid(rows: list[np.ndarray], scale: int = 4) -> Image.Image:  # noqa: F821
     from PIL import Image
 
     tiles = [np.concatenate(list(row), axis=1) for row in rows]
@@ -66,7 +66,7 @@ def run_demo(
     model: str, preset: str, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
 ) -> dict:
     """Calibrate ``model`` in-process, then time and compare full vs cached generation."""
-    from . import calibrate, cached, metrics
+    from . import cached, calibrate, metrics
     from .models import load_builtin
 
     pipe = load_builtin(model)

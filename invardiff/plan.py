@@ -72,7 +72,7 @@ class PlanTarget:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "PlanTarget":
+    def from_json(cls, data: dict) -> PlanTarget:
         if not isinstance(data, dict) or not isinstance(data.get("model_id"), str):
             raise PlanError("target: must be an object with a string 'model_id'")
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -216,7 +216,7 @@ class CachePlan:
         return path
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CachePlan":
+    def from_bytes(cls, data: bytes) -> CachePlan:
         """Parse and validate canonical (or any equivalent) JSON bytes."""
         try:
             document = json.loads(data)
@@ -225,7 +225,7 @@ class CachePlan:
         return cls.from_json(document)
 
     @classmethod
-    def from_json(cls, document: Any) -> "CachePlan":
+    def from_json(cls, document: Any) -> CachePlan:
         """Build a plan from its JSON document, rejecting malformed or inconsistent input."""
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise PlanError(f"not an invardiff cache plan (missing \"format\": \"{FORMAT}\")")
@@ -269,7 +269,7 @@ class CachePlan:
         return plan
 
     @classmethod
-    def load(cls, path: str | Path) -> "CachePlan":
+    def load(cls, path: str | Path) -> CachePlan:
         """Read a plan file in this library's format."""
         try:
             data = Path(path).read_bytes()
@@ -288,7 +288,7 @@ class CachePlan:
         path.write_text(json.dumps(to_official(self), indent=2))
         return path
 
-    def with_flags(self, step_gate: np.ndarray, modules: dict[str, np.ndarray]) -> "CachePlan":
+    def with_flags(self, step_gate: np.ndarray, modules: dict[str, np.ndarray]) -> CachePlan:
         """A copy with other flags (same target and provenance)."""
         return replace(self, step_gate=step_gate, modules=modules)
 

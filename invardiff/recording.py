@@ -43,7 +43,7 @@ class TrajectoryRecorder:
             self.trackers[kind.name] = [self._tracker(kind.name, l, provisional, flag_index) for l in range(count)]
         self.trackers[HIDDEN] = [self._tracker(HIDDEN, 0, provisional, flag_index)]
         self._handles: list = []
-        self._position, _ = timestep_argument(transformer.forward)
+        self._position = timestep_argument(transformer.forward)
 
     def _tracker(self, key, layer, provisional, flag_index):
         if provisional is None:
@@ -53,7 +53,7 @@ class TrajectoryRecorder:
         return CorrectionTracker(provisional[key][:, layer], flag_index)
 
     # ---- hooks -------------------------------------------------------------------------
-    def __enter__(self) -> "TrajectoryRecorder":
+    def __enter__(self) -> TrajectoryRecorder:
         t = self.transformer
         self._handles.append(t.register_forward_pre_hook(self._on_call, with_kwargs=True))
         for kind in MODULE_KINDS[self.arch]:

@@ -9,9 +9,10 @@ hook and restores the model exactly.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class PlanCache:
 
     # ---- hooks -------------------------------------------------------------------------
     def _attach(self) -> None:
-        position, _ = timestep_argument(self.transformer.forward)
+        position = timestep_argument(self.transformer.forward)
         self._register(self.transformer, _TransformerHook(self, position))
         blocks = [(name, i, b) for name in layer_lists(self.arch) for i, b in enumerate(getattr(self.transformer, name))]
         for n, (_, _, block) in enumerate(blocks):

@@ -46,12 +46,12 @@ def match_step(value: float, eps: float, schedule: Sequence[float]) -> int:
     raise StepMatchError(f"timestep {value:g} matches several steps of the schedule; cannot tell which")
 
 
-def timestep_argument(forward) -> tuple[int | None, str]:
-    """Where a transformer's forward takes ``timestep``: (positional index, keyword name)."""
+def timestep_argument(forward) -> int:
+    """The positional index of ``timestep`` in a transformer's forward."""
     params = list(inspect.signature(forward).parameters)
     if "timestep" not in params:
         raise ValueError("transformer forward has no 'timestep' argument")
-    return params.index("timestep"), "timestep"
+    return params.index("timestep")
 
 
 def find_timestep(position: int, args: tuple, kwargs: dict) -> Any:

@@ -6,11 +6,17 @@ import random
 
 import numpy as np
 import pytest
+import reference_calibrator
 import torch
 
-import reference_calibrator
 from invardiff import CalibrationParams, TrajectoryStats, calibrate
-from invardiff.calibration import build_plan, merge_scores, pipeline_runner, provisional_flags, trajectory_stats
+from invardiff.calibration import (
+    build_plan,
+    merge_scores,
+    pipeline_runner,
+    provisional_flags,
+    trajectory_stats,
+)
 
 
 def record_full_trajectory(pipe, arch, call):

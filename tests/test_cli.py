@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import official_plan_files
 
 import invardiff
 from invardiff.cli import main
-from support import official_plan_files
 
 
 def test_show_prints_a_reference_plan_as_json(capsys):

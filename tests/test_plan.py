@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from support import official_plan_files
 
 import invardiff
 from invardiff import CachePlan, PlanError, PlanTarget, all_compute_plan, load_plan
 from invardiff.plan import hold_after
-from support import official_plan_files
 
 
 def small_plan() -> CachePlan:

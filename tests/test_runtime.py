@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import count_module_calls, official_plan_files
 
 import invardiff
-from invardiff import PlanError, StepMatchError, all_compute_plan, cached, disable_cache, enable_cache
-
-from support import count_module_calls, official_plan_files
+from invardiff import (
+    PlanError,
+    StepMatchError,
+    all_compute_plan,
+    cached,
+    disable_cache,
+    enable_cache,
+)
 
 
 def dit_images(pipe, steps=50, guidance=1.5, seed=0, labels=(1, 7)):
