@@ -163,16 +163,21 @@ def read_plan_file(path: Path, limit: int = MAX_PLAN_BYTES) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise InvalidInput(f"cannot read plan {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidInput(f"plan {path} is not a regular file")
         if info.st_size > limit:
             raise InvalidInput(f"plan {path} is {info.st_size} bytes; the limit is {limit} bytes")
-        try:
-            data = handle.read(limit + 1)
-        except OSError as exc:
-            raise InvalidInput(f"cannot read plan {path}: {exc.strerror or exc}") from None
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read plan {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise InvalidInput(f"plan {path} is over the limit of {limit} bytes")
     return data
