@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -406,6 +407,19 @@ def test_database_passwords_never_appear(postgres_admin, tmp_path, monkeypatch):
 
 
 # ---- item 8: concurrent init / db upgrade on a fresh PostgreSQL database -------------------
+# Import everything, say so, wait for the start signal, run the CLI: the six runs start together.
+RACER = """
+import pathlib, sys, time
+import alembic.command, registry.service
+from registry.cli import main
+folder = pathlib.Path(sys.argv[1])
+(folder / f"ready-{sys.argv[2]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+main(sys.argv[3:], prog_name="invardiff-registry")
+"""
+
+
 def test_six_concurrent_inits_on_a_fresh_postgres_database_serialize(postgres_admin, tmp_path):
     from registry_helpers import drop_postgres_database, new_postgres_database
 
@@ -420,20 +434,24 @@ def test_six_concurrent_inits_on_a_fresh_postgres_database_serialize(postgres_ad
         commands = [["init", "--json"], ["db", "upgrade", "--json"]] * 3
         processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "registry", *command],
+                [sys.executable, "-c", RACER, str(tmp_path), str(i), *command],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for command in commands
+            for i, command in enumerate(commands)
         ]
+        while len(list(tmp_path.glob("ready-*"))) < len(processes):
+            assert all(p.poll() is None for p in processes), "a racer died while importing"
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
         outputs = [p.communicate(timeout=180) for p in processes]
         assert [p.returncode for p in processes] == [0] * 6, [err for _, err in outputs]
         added = [
             json.loads(out)["models_added"]
-            for (out, _), c in zip(outputs, commands)
-            if c[0] == "init"
+            for (out, _), command in zip(outputs, commands)
+            if command[0] == "init"
         ]
         assert sorted(name for names in added for name in names) == ["digits-dit", "digits-flux"]
         engine = db.create(url)
