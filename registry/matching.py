@@ -24,13 +24,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InvalidInput, NotFound
-from .validation import MAX_SIDE, MAX_STEPS, check_int, check_name, check_number, check_text
+from .validation import (
+    MAX_SIDE,
+    MAX_STEPS,
+    check_int,
+    check_name,
+    check_number,
+    check_text,
+    shown,
+)
 
 MAX_NEAREST_SCALE = 2.0
 LATEST = "latest"
 READY = "ready"
 REVOKED = "revoked"
-_RESOLUTION = re.compile(r"[ \t]*([0-9]{1,6})[ \t]*(?:[xX][ \t]*([0-9]{1,6})[ \t]*)?", re.ASCII)
+_RESOLUTION = re.compile(r"[ \t]*([0-9]{1,9})[ \t]*(?:[xX][ \t]*([0-9]{1,9})[ \t]*)?", re.ASCII)
 _OPEN_FIELDS = ("pipeline", "scheduler_config_hash", "guidance", "dtype")
 
 
@@ -55,13 +63,15 @@ class Resolution:
         """Parse ``1024`` (square) or ``1024x768`` (width x height)."""
         match = _RESOLUTION.fullmatch(str(text))
         if not match:
-            raise InvalidInput(f"malformed resolution {text!r}: expected e.g. 1024 or 1024x768")
+            raise InvalidInput(
+                f"malformed resolution {shown(text)}: expected e.g. 1024 or 1024x768"
+            )
         width = int(match.group(1))
         height = int(match.group(2) or width)
         for side in (width, height):
             if not 1 <= side <= MAX_SIDE:
                 raise InvalidInput(
-                    f"resolution {text!r}: each side must be between 1 and {MAX_SIDE}"
+                    f"resolution {shown(text)}: each side must be between 1 and {MAX_SIDE}"
                 )
         return cls(width=width, height=height)
 

@@ -69,6 +69,9 @@ _MODEL_FIELDS = (
     "dtype",
 )
 
+# A plan target's own settings; its steps are the plan's (the length of its step gate).
+_TARGET_SETTINGS = tuple(name for name in _MODEL_FIELDS if name != "steps")
+
 BUILTIN_MODELS = (
     ModelInfo(
         name="digits-dit",
@@ -670,11 +673,7 @@ def _canonical(plan: CachePlan, path: Path) -> CachePlan:
     try:
         check_text(target.model_id, "target.model_id", 512)
         values = check_settings(
-            {
-                name: getattr(target, name)
-                for name in ("revision", *_MODEL_FIELDS)
-                if name != "steps"
-            }
+            {name: getattr(target, name) for name in ("revision", *_TARGET_SETTINGS)}
         )
         if not isinstance(plan.calibration, dict) or not isinstance(plan.extras, dict):
             raise InvalidInput("calibration and extras must be JSON objects")
@@ -693,10 +692,9 @@ def _canonical(plan: CachePlan, path: Path) -> CachePlan:
 
 def _plan_target_key(model: ModelInfo, plan: CachePlan) -> TargetKey:
     """The validated, canonical matching key of ``plan`` published for ``model``."""
-    target = plan.target
-    fields_ = {name: getattr(target, name) for name in _MODEL_FIELDS if name != "steps"}
+    settings = {name: getattr(plan.target, name) for name in _TARGET_SETTINGS}
     values = check_target(
-        {"source": model.source, "revision": model.revision, **fields_, "steps": plan.steps}
+        {"source": model.source, "revision": model.revision, **settings, "steps": plan.steps}
     )
     return TargetKey(**values)
 

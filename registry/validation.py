@@ -53,7 +53,7 @@ def check_name(name: Any, what: str) -> str:
     """A model or alias name: lower-case letters, digits, ``._-``, at most 64 characters."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(
-            f"invalid {what} name {_shown(name)}: use 1-64 lower-case letters, digits, '.', '_', '-'"
+            f"invalid {what} name {shown(name)}: use 1-64 lower-case letters, digits, '.', '_', '-'"
         )
     return name
 
@@ -62,14 +62,14 @@ def check_text(value: Any, what: str, limit: int | None = None) -> str:
     """A non-empty string of at most ``limit`` characters without control characters."""
     limit = limit or TEXT_LIMITS[what]
     if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string, got {_shown(value)}")
+        raise InvalidInput(f"{what} must be a string, got {shown(value)}")
     if not value.strip():
         raise InvalidInput(f"{what} must not be empty")
     if len(value) > limit:
         raise InvalidInput(f"{what} is {len(value)} characters long; at most {limit} are allowed")
     if _CONTROL.search(value):
         raise InvalidInput(
-            f"{what} {_shown(value)} contains a control character (NUL, newline, ...)"
+            f"{what} {shown(value)} contains a control character (NUL, newline, ...)"
         )
     return value
 
@@ -83,9 +83,9 @@ def check_int(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{what} must be an integer, got {_shown(value)}")
+        raise InvalidInput(f"{what} must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise InvalidInput(f"{what} must be between {low} and {high}, got {_shown(value)}")
+        raise InvalidInput(f"{what} must be between {low} and {high}, got {shown(value)}")
     return value
 
 
@@ -94,7 +94,7 @@ def check_number(value: Any, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"{what} must be a number, got {_shown(value)}")
+        raise InvalidInput(f"{what} must be a number, got {shown(value)}")
     if isinstance(value, int) and abs(value) > MAX_GUIDANCE:
         raise InvalidInput(f"{what} must be at most {MAX_GUIDANCE:g} in magnitude")
     number = float(value)
@@ -139,7 +139,7 @@ def check_plan_ref(ref: Any) -> str:
     text = ref.lower().removeprefix("sha256:") if isinstance(ref, str) else ""
     if not re.fullmatch(r"[0-9a-f]{6,64}", text):
         raise InvalidInput(
-            f"plan reference {_shown(ref)}: give at least 6 hex digits of its sha256 (at most 64)"
+            f"plan reference {shown(ref)}: give at least 6 hex digits of its sha256 (at most 64)"
         )
     return text
 
@@ -289,7 +289,7 @@ def mask_secrets(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     return _USERINFO_PASSWORD.sub("***", text)
 
 
-def _shown(value: Any, limit: int = 40) -> str:
+def shown(value: Any, limit: int = 40) -> str:
     """A short, one-line repr for messages (long input is cut)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...'"

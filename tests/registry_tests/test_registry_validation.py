@@ -272,6 +272,7 @@ BAD = [
     (["show", "{sha}", "--model", ""], "invalid model name"),
     (["fetch", "flux-dev", "\uff11\uff10\uff12\uff14"], "malformed resolution"),
     (["fetch", "flux-dev", "1024x\uff15\uff11\uff12"], "malformed resolution"),
+    (["fetch", "flux-dev", "9" * 5000], "malformed resolution"),
 ]
 
 
