@@ -95,13 +95,13 @@ def check_number(value: Any, what: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{what} must be a number, got {shown(value)}")
-    if isinstance(value, int) and abs(value) > MAX_GUIDANCE:
-        raise InvalidInput(f"{what} must be at most {MAX_GUIDANCE:g} in magnitude")
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidInput(f"{what} must be a finite number, got {value}")
-    if abs(number) > MAX_GUIDANCE:
-        raise InvalidInput(f"{what} must be at most {MAX_GUIDANCE:g} in magnitude, got {value}")
+    too_big = isinstance(value, int) and abs(value) > MAX_GUIDANCE  # float() could overflow
+    number = math.inf if too_big else float(value)
+    if not math.isfinite(number) or abs(number) > MAX_GUIDANCE:
+        raise InvalidInput(
+            f"{what} must be a finite number of at most {MAX_GUIDANCE:g} in magnitude, "
+            f"got {shown(value)}"
+        )
     return number + 0.0  # -0.0 + 0.0 == 0.0
 
 
@@ -292,4 +292,4 @@ def mask_secrets(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
 def shown(value: Any, limit: int = 40) -> str:
     """A short, one-line repr for messages (long input is cut)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...'"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -101,7 +101,11 @@ def test_a_float_resolution_joins_the_canonical_target(cli, config, tmp_path, mo
         assert session.scalar(select(PlanTarget.id).where(PlanTarget.height == 1024)) is not None
         assert len(session.scalars(select(PlanTarget)).all()) == 1
     monkeypatch.setenv("INVARDIFF_REF_TTL", "0")
-    for extra in ([], ["--index"], ["--pipeline", "FluxPipeline", "--dtype", "bfloat16"]):
+    for extra in (
+        [],
+        ["--index"],
+        ["--pipeline", "FluxPipeline", "--dtype", "bfloat16", "--guidance", "3.5"],
+    ):
         fetched = ok_json(cli("fetch", "flux-dev", "1024", "--json", *extra))
         assert fetched["version"] == 2 and fetched["sha256"] == second.version.sha256, extra
 
