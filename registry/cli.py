@@ -20,7 +20,8 @@ import click
 
 from .config import Config
 from .errors import GENERIC, USAGE, RegistryError
-from .matching import LATEST, Query, Resolution
+from .matching import LATEST, REVOKED, Query, Resolution
+from .validation import MAX_MIN_AGE, MAX_PRESIGN_SECONDS, MAX_STEPS, mask_secrets, url_secrets
 
 PROG = "invardiff-registry"
 
@@ -57,7 +58,7 @@ class _FiniteFloat(click.ParamType):
 
 
 RESOLUTION = _ResolutionType()
-STEPS = click.IntRange(min=1)
+STEPS = click.IntRange(min=1, max=MAX_STEPS)
 FINITE = _FiniteFloat()
 
 
@@ -66,6 +67,8 @@ class _Main(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("INVARDIFF_DEBUG", "") not in ("", "0")
+        args = list(sys.argv[1:] if args is None else args)
+        _SECRETS[:] = _secrets(args)
         try:
             result = super().main(
                 args, prog_name or PROG, complete_var, standalone_mode=False, **extra
@@ -79,11 +82,11 @@ class _Main(click.Group):
             _fail(f"{PROG}: aborted", GENERIC)
         except RegistryError as exc:
             if debug:
-                raise
+                _traceback()
             _fail(f"{PROG}: error: {exc}", exc.exit_code)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line
             if debug:
-                raise
+                _traceback()
             _fail(
                 f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (INVARDIFF_DEBUG=1 shows more)",
                 GENERIC,
@@ -91,8 +94,29 @@ class _Main(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+_SECRETS: list[str] = []  # passwords in this run's URLs: never printed
+
+
+def _secrets(args: list[str]) -> list[str]:
+    """The passwords in the database and S3 endpoint URLs of this run (flags and environment)."""
+    urls = [os.environ.get("INVARDIFF_DATABASE_URL"), os.environ.get("INVARDIFF_S3_ENDPOINT_URL")]
+    for i, arg in enumerate(args):
+        if arg == "--database-url" and i + 1 < len(args):
+            urls.append(args[i + 1])
+        elif arg.startswith("--database-url="):
+            urls.append(arg.partition("=")[2])
+    return [secret for url in urls for secret in url_secrets(url)]
+
+
+def _traceback() -> None:
+    """INVARDIFF_DEBUG: the traceback, with credentials masked like every message."""
+    import traceback
+
+    click.echo(mask_secrets(traceback.format_exc(), _SECRETS).rstrip(), err=True)
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(" ".join(message.split()), err=True)
+    click.echo(mask_secrets(" ".join(message.split()), _SECRETS), err=True)
     sys.exit(code)
 
 
@@ -302,6 +326,8 @@ def publish(
     result = _registry(ctx).publish(file, model_name, resolution, steps)
     _log(f"stored {result.version.object_key} ({result.version.size} bytes)")
     state = "published" if result.created else "already published"
+    if result.version.status == REVOKED:
+        state += " (revoked: it is not served)"
     human = f"{state}: {model_name} {result.target.describe()} v{result.version.version} {result.version.sha256}"
     _emit(as_json, result.to_json(), human)
 
@@ -373,11 +399,17 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
         (
             f"{','.join(r['models']):<16} {r['resolution']:>10} {r['target']['steps']:>4} steps  "
             f"{r['target']['scheduler'] or '-':<32} v{r['version']:<3} {r['sha256'][:12]}  "
-            + ",".join([*(["latest"] if r["latest"] else []), *r["aliases"]])
+            + ",".join(
+                [*(["latest"] if r["latest"] else []), *r["aliases"], *_revoked(r["status"])]
+            )
         ).rstrip()
         for r in rows
     ]
     _emit(as_json, rows, "\n".join(lines) or "no plans")
+
+
+def _revoked(status: str) -> list[str]:
+    return [status.upper()] if status == REVOKED else []
 
 
 model_option = click.option(
@@ -393,7 +425,7 @@ model_option = click.option(
 @click.option("--presign", is_flag=True, help="Add a time-limited download URL (S3 stores).")
 @click.option(
     "--expires",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_PRESIGN_SECONDS),
     default=3600,
     show_default=True,
     help="URL lifetime, s.",
@@ -445,6 +477,23 @@ def promote(
 
 
 @main.command()
+@click.argument("plan")
+@model_option
+@json_option
+@click.pass_context
+def revoke(ctx: click.Context, plan: str, model_name: str | None, as_json: bool) -> None:
+    """Take plan PLAN out of service for good: never served by fetch, the index or latest."""
+    result = _registry(ctx).revoke(plan, model_name)
+    state = "revoked" if result["changed"] else "already revoked"
+    on = (
+        f"; aliases still on it (not served): {', '.join(result['aliases'])}"
+        if result["aliases"]
+        else ""
+    )
+    _emit(as_json, result, f"{state}: v{result['version']} {result['sha256']}{on}")
+
+
+@main.command()
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, as_json: bool) -> None:
@@ -463,7 +512,7 @@ def verify(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.option(
     "--min-age",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=int(MAX_MIN_AGE.total_seconds())),
     default=3600,
     show_default=True,
     help="Keep unreferenced objects younger than this (seconds): in-flight publishes.",

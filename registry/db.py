@@ -11,18 +11,36 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
 from .errors import InvalidInput, SchemaMismatch, Unreachable
+from .validation import mask_secrets, url_secrets
 
 # The Alembic head this code is written for; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0001_initial"
+SCHEMA_REVISION = "0002_validation"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def display_url(url: str) -> str:
-    """The URL with any password masked, for messages."""
+    """The URL with any password masked (also ``?password=``), for messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
         return "<unparseable database URL>"
+    return mask_secrets(shown, url_secrets(url))
+
+
+def _parse(url: str):
+    """The parsed URL; a malformed one is :class:`InvalidInput` naming only its scheme."""
+    scheme = url.split(":", 1)[0] if ":" in url else ""
+    usage = "expected dialect[+driver]://user[:password]@host[:port]/database"
+    try:
+        parsed = make_url(url)
+        port = parsed.port
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise InvalidInput(
+            f"malformed database URL (scheme {scheme[:32]!r}, rest hidden): {usage}"
+        ) from None
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidInput(f"database URL {display_url(url)}: port {port} is not in 1..65535")
+    return parsed
 
 
 def create(url: str, must_exist: bool = True) -> Engine:
@@ -30,19 +48,17 @@ def create(url: str, must_exist: bool = True) -> Engine:
 
     With ``must_exist`` a missing SQLite file is an error instead of being created.
     """
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise InvalidInput(f"malformed database URL {url!r}") from None
+    parsed = _parse(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
         try:
             return create_engine(parsed, connect_args={"connect_timeout": 5}, pool_pre_ping=True)
         except ImportError as exc:
-            raise InvalidInput(f"no driver for {display_url(url)}: {exc}") from None
+            detail = mask_secrets(str(exc), url_secrets(url))
+            raise InvalidInput(f"no driver for {display_url(url)}: {detail}") from None
         except ArgumentError as exc:  # includes NoSuchModuleError: an unknown dialect
-            detail = str(exc).splitlines()[0]
+            detail = mask_secrets(str(exc).splitlines()[0], url_secrets(url))
             raise InvalidInput(f"unsupported database URL {display_url(url)}: {detail}") from None
     path = Path(parsed.database or "")
     if parsed.database in (None, "", ":memory:"):
@@ -76,6 +92,7 @@ def reachable(url: str) -> Iterator[None]:
         yield
     except (OperationalError, InterfaceError) as exc:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+        detail = mask_secrets(detail, url_secrets(url))
         raise Unreachable(f"cannot reach database {display_url(url)}: {detail}") from None
 
 
