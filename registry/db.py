@@ -115,16 +115,17 @@ def guarded(engine: Engine) -> Iterator[None]:
     """Database work that fails with :class:`Unreachable` instead of hanging.
 
     Connection failures become one line (see :func:`reachable`). On a server database, when
-    the block takes longer than ``INVARDIFF_DB_TIMEOUT`` (a server that stopped answering,
-    where no TCP timeout fires), the engine's connections are shut down, which makes the
-    blocked call fail; the server's own statement and lock timeouts usually answer first.
+    the block takes longer than 1.5 x ``INVARDIFF_DB_TIMEOUT`` (a server that stopped
+    answering, where no TCP timeout fires), the engine's connections are shut down, which
+    makes the blocked call fail; a live server's statement and lock timeouts
+    (``INVARDIFF_DB_TIMEOUT``) answer first.
     """
     connections = _CONNECTIONS.get(engine)
     if connections is None:  # SQLite: its busy timeout bounds every wait
         with reachable(str(engine.url)):
             yield
         return
-    seconds = db_timeout()
+    seconds = 1.5 * db_timeout()
     done, fired = threading.Event(), threading.Event()
 
     def watchdog() -> None:

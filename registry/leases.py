@@ -23,7 +23,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
@@ -117,6 +117,13 @@ def gc_may_delete(sessions: Sessions, key: str, lease_id: int) -> bool:
         _lock(session, key)
         lease = session.get(ObjectLease, lease_id)
         return lease is not None and _age(lease) < lease_ttl() / 2
+
+
+def drop_expired(sessions: Sessions) -> None:
+    """Delete every expired lease (those of killed commands)."""
+    cutoff = utcnow() - timedelta(seconds=lease_ttl())
+    with sessions() as session:
+        session.execute(delete(ObjectLease).where(ObjectLease.created_at < cutoff))
 
 
 def release(sessions: Sessions, lease_id: int) -> None:

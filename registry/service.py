@@ -595,6 +595,8 @@ class Registry:
         one is checked again, under its own lease, right before it is deleted. Temporary
         files of killed writers (local stores) older than ``min_age`` are removed too.
         """
+        if not dry_run:
+            leases.drop_expired(self.session)
         with self.session() as session:
             referenced = set(session.scalars(select(PlanVersion.object_key)))
         cutoff = datetime.now(timezone.utc) - min_age
