@@ -156,7 +156,12 @@ def test_end_to_end_json_shapes(cli, tmp_path: Path):
     plain = cli("fetch", "flux-dev", "1024")
     assert plain.exit_code == 0 and plain.stdout.strip() == doc["path"]
 
-    assert ok_json(cli("verify", "--json")) == {"checked": 4, "ok": 4, "indexes_checked": 3, "failures": []}
+    assert ok_json(cli("verify", "--json")) == {
+        "checked": 4,
+        "ok": 4,
+        "indexes_checked": 3,
+        "failures": [],
+    }
     assert ok_json(cli("gc", "--dry-run", "--json"))["deleted"] == []
 
 
