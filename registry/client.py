@@ -177,11 +177,11 @@ def answer_problem(record: Any, data: bytes, query: Query) -> str | None:
     if record.get("selected_by") != expected:
         return f"answer was selected by {record.get('selected_by')!r}, not {expected!r}"
     try:
-        plan = json.loads(data)["target"]
-        steps = json.loads(data)["steps"]
-    except (ValueError, TypeError, KeyError):
+        document = json.loads(data)
+        plan, steps = document["target"], document["steps"]
+        own = {**{k: plan.get(k) for k in _PLAN_FIELDS}, "steps": steps}
+    except (ValueError, TypeError, KeyError, AttributeError):
         return "the plan does not record its target"
-    own = {**{k: plan.get(k) for k in _PLAN_FIELDS}, "steps": steps}
     if {k: target.get(k) for k in own} != own:
         return "answer and plan disagree on the target"
     if not all(_is_int(own[k], 1) for k in ("steps", "width", "height")):

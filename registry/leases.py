@@ -90,7 +90,7 @@ def end_publish(session: Session, key: str, lease_id: int) -> None:
     """Consume the publish lease inside the transaction that references ``key``."""
     _lock(session, key)
     lease = session.get(ObjectLease, lease_id)
-    if lease is None:
+    if lease is None or (lease.kind, lease.object_key) != ("publish", key):
         raise LeaseLost(key)
     session.delete(lease)
 
@@ -116,7 +116,9 @@ def gc_may_delete(sessions: Sessions, key: str, lease_id: int) -> bool:
     with sessions() as session:
         _lock(session, key)
         lease = session.get(ObjectLease, lease_id)
-        return lease is not None and _age(lease) < lease_ttl() / 2
+        if lease is None or (lease.kind, lease.object_key) != ("gc", key):
+            return False
+        return _age(lease) < lease_ttl() / 2
 
 
 def drop_expired(sessions: Sessions) -> None:

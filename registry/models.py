@@ -186,6 +186,7 @@ class ObjectLease(Base):
     __table_args__ = (
         Index(None, "object_key"),
         CheckConstraint(one_of("kind", LEASE_KINDS), name="kind"),
+        {"sqlite_autoincrement": True},  # an id is never reused: it names one lease
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("kind IN ('publish', 'gc')", name=op.f("ck_object_leases_kind")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_object_leases")),
+        sqlite_autoincrement=True,  # an id is never reused: it names one lease
     )
     op.create_index(op.f("ix_object_leases_object_key"), "object_leases", ["object_key"])
 
