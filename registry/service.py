@@ -31,7 +31,14 @@ from invardiff.plan import FORMAT_VERSION
 
 from . import db, leases
 from .config import Config
-from .errors import Conflict, IntegrityFailure, InvalidInput, NotFound, RegistryError
+from .errors import (
+    Conflict,
+    IntegrityFailure,
+    InvalidInput,
+    NotFound,
+    RegistryError,
+    Unreachable,
+)
 from .faults import crash_point
 from .index import encode_index, index_key
 from .matching import (
@@ -520,14 +527,21 @@ class Registry:
 
         After writing, the index is computed again: when a concurrent change committed
         meanwhile (and a slower writer may have put older bytes), it is written again, so the
-        last index written reflects every committed change.
+        last index written reflects every committed change. A store failure says that the
+        change itself is committed and how to repair the index.
         """
         for name in sorted(set(names)):
             data = self.index_bytes(name)
             for _ in range(INDEX_ATTEMPTS):
                 if data is None:
                     break
-                self.store.put(index_key(name), data)
+                try:
+                    self.store.put(index_key(name), data)
+                except Unreachable as exc:
+                    raise Unreachable(
+                        f"{exc}; the change is committed but the store index of {name} is not "
+                        "updated: run `invardiff-registry index rebuild` once the store is back"
+                    ) from None
                 written, data = data, self.index_bytes(name)
                 if data == written:
                     break

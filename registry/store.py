@@ -154,6 +154,13 @@ def get_blob(store: ObjectStore, ref: BlobRef) -> bytes:
 
 def _file_mode() -> int:
     """0666 less the process umask: what ``open()`` would give a new file."""
+    try:  # Linux: read it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
