@@ -405,7 +405,7 @@ def test_a_database_that_hangs_mid_command_is_exit_5_in_bounded_time(cfg, tmp_pa
     finally:
         proxy.close()
     assert result[:2] == ("error", errors.UNREACHABLE), result
-    assert "did not answer within 3 s" in result[2] and elapsed < 15, (result, elapsed)
+    assert "did not answer within 3 s" in result[2] and elapsed < 20, (result, elapsed)
 
 
 # ---- 15: an S3 server that stops answering -----------------------------------------------
