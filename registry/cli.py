@@ -497,7 +497,11 @@ def revoke(ctx: click.Context, plan: str, model_name: str | None, as_json: bool)
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, as_json: bool) -> None:
-    """Re-hash every stored plan object (exit 4 when any is missing or corrupt)."""
+    """Re-hash every stored plan object and check every model's index against the database.
+
+    Exit 4 when an object is missing or corrupt, or an index is missing or stale
+    (`index rebuild` repairs indexes).
+    """
     result = _registry(ctx).verify()
     lines = [f"{f['problem']}: {f['object_key']}" for f in result["failures"]]
     _emit(as_json, result, "\n".join([*lines, f"{result['ok']}/{result['checked']} objects ok"]))
@@ -505,8 +509,24 @@ def verify(ctx: click.Context, as_json: bool) -> None:
         from .errors import IntegrityFailure
 
         raise IntegrityFailure(
-            f"{len(result['failures'])} of {result['checked']} stored plans failed verification"
+            f"{len(result['failures'])} stored plans or indexes failed verification "
+            f"({result['checked']} plans, {result['indexes_checked']} indexes checked)"
         )
+
+
+@main.group("index")
+def index_group() -> None:
+    """The per-model index objects that store-only clients resolve through."""
+
+
+@index_group.command("rebuild")
+@json_option
+@click.pass_context
+def index_rebuild(ctx: click.Context, as_json: bool) -> None:
+    """Rewrite every index that is missing or does not match the database."""
+    result = _registry(ctx).check_indexes(rebuild=True)
+    human = f"rewrote {len(result['rewritten'])} of {result['checked']} indexes"
+    _emit(as_json, result, "\n".join([*(f"rewrote {k}" for k in result["rewritten"]), human]))
 
 
 @main.command()
@@ -524,6 +544,5 @@ def gc(ctx: click.Context, min_age: int, dry_run: bool, as_json: bool) -> None:
     """Delete stored plan objects that no version references."""
     result = _registry(ctx).gc(timedelta(seconds=min_age), dry_run)
     verb = "would delete" if dry_run else "deleted"
-    _emit(
-        as_json, result, f"{verb} {len(result['deleted'])} objects ({result['freed_bytes']} bytes)"
-    )
+    counts = f"{len(result['deleted'])} objects, {len(result['temporaries'])} temporary files"
+    _emit(as_json, result, f"{verb} {counts} ({result['freed_bytes']} bytes)")

@@ -170,3 +170,26 @@ class PlanAlias(Base):
     plan_version: Mapped[PlanVersion] = relationship()
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": lock_version}
+
+
+LEASE_KINDS = ("publish", "gc")
+
+
+class ObjectLease(Base):
+    """A claim on a store object while it is written (``publish``) or deleted (``gc``).
+
+    A publish holds one from before it writes the object until the commit that references
+    it; gc leaves leased objects alone and holds one while it deletes. See registry/leases.py.
+    """
+
+    __tablename__ = "object_leases"
+    __table_args__ = (
+        Index(None, "object_key"),
+        CheckConstraint(one_of("kind", LEASE_KINDS), name="kind"),
+        {"sqlite_autoincrement": True},  # an id is never reused: it names one lease
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    object_key: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

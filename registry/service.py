@@ -11,7 +11,7 @@ import getpass
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,9 +27,17 @@ from invardiff.architectures import ARCHITECTURES
 from invardiff.official import REFERENCE_TARGETS, from_official, is_official
 from invardiff.plan import FORMAT_VERSION
 
-from . import db
+from . import db, leases
 from .config import Config
-from .errors import Conflict, IntegrityFailure, InvalidInput, NotFound, RegistryError
+from .errors import (
+    Conflict,
+    IntegrityFailure,
+    InvalidInput,
+    NotFound,
+    RegistryError,
+    Unreachable,
+)
+from .faults import crash_point
 from .index import encode_index, index_key
 from .matching import (
     LATEST,
@@ -45,7 +53,7 @@ from .matching import (
     resolve,
 )
 from .models import CalibrationJob, ModelAlias, PlanAlias, PlanTarget, PlanVersion, utcnow
-from .store import BlobRef, ObjectStore, get_blob, open_store, put_blob
+from .store import BlobRef, MissingObject, ObjectStore, blob_ref, get_blob, open_store, put_blob
 from .validation import (
     check_min_age,
     check_name,
@@ -58,6 +66,7 @@ from .validation import (
 )
 
 PUBLISH_ATTEMPTS = 10
+INDEX_ATTEMPTS = 5
 _MODEL_FIELDS = (
     "pipeline",
     "scheduler",
@@ -158,7 +167,7 @@ class Registry:
     def session(self) -> Iterator[Session]:
         """One transaction; connection failures become :class:`~registry.errors.Unreachable`."""
         with (
-            db.reachable(str(self.engine.url)),
+            db.guarded(self.engine),
             Session(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
@@ -257,23 +266,42 @@ class Registry:
 
         Idempotent: the same bytes for the same target give the existing version. Concurrent
         publishers race on the database's unique constraints and retry a bounded number of times.
+        A lease keeps gc off the object from before it is written until the version that
+        references it commits (see :mod:`registry.leases`); a damaged copy already in the
+        store is replaced.
         """
         model = self.model(model_name)
         plan, lineage = _load_for(Path(path), model, resolution, steps)
         data = plan.to_bytes()
         key = _plan_target_key(model, plan)
         metrics = {**plan.summary().to_json(), **_dict(plan.calibration.get("metrics"))}
-        blob = put_blob(self.store, data)
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                result = self._register(model, key, blob, metrics, lineage)
-                break
-            except IntegrityError:
-                if attempt == PUBLISH_ATTEMPTS - 1:
-                    raise Conflict(
-                        f"publishing {blob.sha256[:12]} kept conflicting; try again"
-                    ) from None
-                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        blob = blob_ref(data)
+        self.store.check_writable()  # an unwritable store fails before the database changes
+        lease = None
+        try:
+            for attempt in range(PUBLISH_ATTEMPTS):
+                if lease is None:
+                    lease = leases.begin_publish(self.session, blob.key)
+                    crash_point("publish.leased")
+                    put_blob(self.store, data)
+                    crash_point("publish.stored")
+                try:
+                    result = self._register(model, key, blob, metrics, lineage, lease)
+                    lease = None  # consumed by the commit
+                    break
+                except (IntegrityError, leases.LeaseLost) as exc:
+                    if attempt == PUBLISH_ATTEMPTS - 1:
+                        raise Conflict(
+                            f"publishing {blob.sha256[:12]} kept conflicting; try again"
+                        ) from None
+                    if isinstance(exc, leases.LeaseLost):
+                        lease = None  # gc took the object over: write it again
+                    time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        finally:
+            if lease is not None:  # failed: leave nothing behind (else it expires)
+                with suppress(RegistryError):
+                    leases.release(self.session, lease)
+        crash_point("publish.committed")
         self.write_indexes(self._models_of(key.source, key.revision))  # also heals a missed write
         return result
 
@@ -284,8 +312,10 @@ class Registry:
         blob: BlobRef,
         metrics: dict[str, Any],
         lineage: dict[str, Any],
+        lease: int,
     ) -> PublishResult:
         with self.session() as session:
+            leases.end_publish(session, blob.key, lease)
             target = session.scalar(select(PlanTarget).where(PlanTarget.key_hash == key.key_hash))
             if target is None:
                 target = PlanTarget(key_hash=key.key_hash, **key.to_json())
@@ -521,37 +551,71 @@ class Registry:
                 )
             )
 
-    def write_indexes(self, names: list[str]) -> None:
-        """Rewrite the store index of each model, holding its row lock while writing.
-
-        Writers serialize on the model rows (``BEGIN IMMEDIATE`` on SQLite), so the last index
-        written always reflects every committed change.
-        """
+    def index_bytes(self, name: str) -> bytes | None:
+        """The index document the database gives for model ``name`` (None: no such model)."""
         with self.session() as session:
-            rows = session.scalars(
-                select(ModelAlias)
-                .where(ModelAlias.name.in_(names))
-                .order_by(ModelAlias.name)
-                .with_for_update()
-            ).all()
-            for row in rows:
-                model = _model_info(row)
-                entries = self.entries(session, model.source, model.revision)
-                served = [s for e in entries if (s := e.servable()) is not None]  # no revoked
-                self.store.put(index_key(model.name), encode_index(model, served))
+            row = session.scalar(select(ModelAlias).where(ModelAlias.name == name))
+            if row is None:
+                return None
+            model = _model_info(row)
+            entries = self.entries(session, model.source, model.revision)
+            served = [s for e in entries if (s := e.servable()) is not None]  # no revoked
+            return encode_index(model, served)
+
+    def write_indexes(self, names: list[str]) -> None:
+        """Rewrite the store index of each model, outside any database transaction.
+
+        After writing, the index is computed again: when a concurrent change committed
+        meanwhile (and a slower writer may have put older bytes), it is written again, so the
+        last index written reflects every committed change. A store failure says that the
+        change itself is committed and how to repair the index.
+        """
+        for name in sorted(set(names)):
+            data = self.index_bytes(name)
+            for _ in range(INDEX_ATTEMPTS):
+                if data is None:
+                    break
+                try:
+                    self.store.put(index_key(name), data)
+                except Unreachable as exc:
+                    raise Unreachable(
+                        f"{exc}; the change is committed but the store index of {name} is not "
+                        "updated: run `invardiff-registry index rebuild` once the store is back"
+                    ) from None
+                written, data = data, self.index_bytes(name)
+                if data == written:
+                    break
+
+    def check_indexes(self, rebuild: bool = False) -> dict[str, Any]:
+        """Compare every model's store index with the database; ``rebuild`` rewrites bad ones.
+
+        Returns ``{"checked", "failures": [{"object_key", "problem": "missing index"|"stale
+        index"}], "rewritten": [keys]}``.
+        """
+        failures, rewritten = [], []
+        names = [m.name for m in self.models()]
+        for name in names:
+            key = index_key(name)
+            try:
+                stored = self.store.get(key)
+            except NotFound:
+                stored = None
+            if stored == self.index_bytes(name):
+                continue
+            problem = "missing index" if stored is None else "stale index"
+            failures.append({"object_key": key, "problem": problem})
+            if rebuild:
+                self.write_indexes([name])
+                rewritten.append(key)
+        return {"checked": len(names), "failures": failures, "rewritten": rewritten}
 
     # ---- maintenance --------------------------------------------------------------------
-    def _is_referenced(self, object_key: str) -> bool:
-        with self.session() as session:
-            return (
-                session.scalar(
-                    select(PlanVersion.id).where(PlanVersion.object_key == object_key).limit(1)
-                )
-                is not None
-            )
-
     def verify(self) -> dict[str, Any]:
-        """Re-hash every stored plan object; report missing and corrupt ones."""
+        """Re-hash every stored plan object and compare every index with the database.
+
+        Reports missing and corrupt objects, and missing or stale indexes (a crash or a lost
+        store between a commit and its index write; ``index rebuild`` repairs them).
+        """
         with self.session() as session:
             blobs = session.execute(
                 select(PlanVersion.object_key, PlanVersion.sha256, PlanVersion.size)
@@ -562,23 +626,32 @@ class Registry:
         for key, sha256, size in blobs:
             try:
                 get_blob(self.store, BlobRef(key, sha256, size))
-            except NotFound:
+            except MissingObject:
                 failures.append({"object_key": key, "sha256": sha256, "problem": "missing"})
             except IntegrityFailure as exc:
                 failures.append(
                     {"object_key": key, "sha256": sha256, "problem": "corrupt", "detail": str(exc)}
                 )
-        return {"checked": len(blobs), "ok": len(blobs) - len(failures), "failures": failures}
+        ok = len(blobs) - len(failures)
+        indexes = self.check_indexes()
+        failures.extend(indexes["failures"])
+        return {
+            "checked": len(blobs),
+            "ok": ok,
+            "indexes_checked": indexes["checked"],
+            "failures": failures,
+        }
 
     def gc(self, min_age: timedelta, dry_run: bool = False) -> dict[str, Any]:
         """Delete plan objects no version references, once older than ``min_age``.
 
-        The age guard protects a concurrent publish between its store write and its commit
-        (a publish of bytes already stored refreshes their age where the store allows it).
-        Each object is checked again right before it is deleted, so a publish committed
-        since the listing keeps its object.
+        An object a publish holds a lease on is kept (see :mod:`registry.leases`), and each
+        one is checked again, under its own lease, right before it is deleted. Temporary
+        files of killed writers (local stores) older than ``min_age`` are removed too.
         """
         check_min_age(min_age)
+        if not dry_run:
+            leases.drop_expired(self.session)
         with self.session() as session:
             referenced = set(session.scalars(select(PlanVersion.object_key)))
         cutoff = datetime.now(timezone.utc) - min_age
@@ -586,18 +659,30 @@ class Registry:
             o for o in self.store.list("plans/") if o.key not in referenced and o.modified <= cutoff
         ]
         if not dry_run:
-            deleted = []
-            for orphan in orphans:
-                if not self._is_referenced(orphan.key):
-                    self.store.delete(orphan.key)
-                    deleted.append(orphan)
-            orphans = deleted
+            orphans = [o for o in orphans if self._delete_orphan(o.key)]
+        temporaries = self.store.remove_temporaries(cutoff, dry_run)
         return {
             "dry_run": dry_run,
             "deleted": [o.key for o in orphans],
-            "freed_bytes": sum(o.size for o in orphans),
+            "temporaries": [t.key for t in temporaries],
+            "freed_bytes": sum(o.size for o in [*orphans, *temporaries]),
             "referenced": len(referenced),
         }
+
+    def _delete_orphan(self, key: str) -> bool:
+        """Delete ``key`` under a gc lease when nothing references or leases it."""
+        lease = leases.claim_for_gc(self.session, key)
+        if lease is None:
+            return False
+        crash_point("gc.claimed")
+        try:
+            if not leases.gc_may_delete(self.session, key, lease):
+                return False
+            self.store.delete(key)
+            crash_point("gc.deleted")
+        finally:
+            leases.release(self.session, lease)
+        return True
 
 
 # ---- helpers ----------------------------------------------------------------------------

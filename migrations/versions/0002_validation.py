@@ -8,7 +8,7 @@ turn out equal, the newer keeps its old hash: take its versions out of service w
 ``invardiff-registry revoke`` (see docs/registry.md). No schema change.
 
 Revision ID: 0002_validation
-Revises: 0001_initial
+Revises: 0002_faults
 Create Date: 2026-11-29
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_validation"
-down_revision = "0001_initial"
+down_revision = "0002_faults"
 branch_labels = None
 depends_on = None
 

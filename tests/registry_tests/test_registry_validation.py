@@ -178,7 +178,7 @@ def test_migration_0002_makes_legacy_target_hashes_canonical(database_url, tmp_p
     from registry.store import open_store
 
     engine = db.create(database_url, must_exist=False)
-    db.upgrade(engine, "0001_initial")
+    db.upgrade(engine, "0002_faults")  # the revision before 0002_validation
     registry = Registry(engine, open_store(str(tmp_path / "store")))
     registry.add_model("flux-dev", FLUX_SOURCE, "0123abc", "flux", {})
     first = registry.publish(FLUX_PLANS[0], "flux-dev", R1024)
