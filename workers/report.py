@@ -41,24 +41,30 @@ def validation_grid(full: np.ndarray, cached: np.ndarray, columns: int = 16) -> 
 
 
 def plan_heatmap(plan) -> np.ndarray:
-    """RGB uint8: one panel per module kind (layers down, steps across), the step gate on top.
-
-    Black = computed, light = reused; a reused whole step is orange in the gate row and tints
-    its column in every panel.
+    """RGB uint8: the step gate on top, then one panel per module kind (layers down, steps
+    across), each labelled. Dark = computed, light grey = module reused, orange = the whole
+    step reused (the gate), which also tints its column in every panel.
     """
-    cell = 6
-    steps = plan.steps
+    from PIL import Image, ImageDraw
+
+    cell, margin, gap = 6, 96, 4
     gate = np.asarray(plan.step_gate, dtype=bool)
-    panels = [np.where(gate[None, :], 2, 0)]  # the gate row
+    panels = [("step gate", np.where(gate[None, :], 2, 0))]
     for kind in sorted(plan.modules):
-        flags = np.asarray(plan.modules[kind], dtype=bool).T  # layers x steps
-        panels.append(np.full((1, steps), 3))  # separator
-        panels.append(np.where(gate[None, :], 2, flags.astype(int)))
-    codes = np.concatenate(panels, axis=0)
-    palette = np.array(
-        [[20, 20, 20], [235, 235, 235], [245, 150, 40], [255, 255, 255]], dtype=np.uint8
-    )
-    return np.kron(palette[codes], np.ones((cell, cell, 1), dtype=np.uint8))
+        flags = np.asarray(plan.modules[kind], dtype=bool).T.astype(int)  # layers x steps
+        panels.append((f"{kind} ({flags.shape[0]})", np.where(gate[None, :], 2, flags)))
+    palette = np.array([[25, 25, 25], [215, 215, 215], [245, 150, 40]], dtype=np.uint8)
+    height = sum(p.shape[0] * cell + gap for _, p in panels) + 14
+    canvas = Image.new("RGB", (margin + plan.steps * cell + 4, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for label, codes in panels:
+        block = np.kron(palette[codes], np.ones((cell, cell, 1), dtype=np.uint8))
+        canvas.paste(Image.fromarray(block), (margin, top))
+        draw.text((2, top), label, fill="black")
+        top += block.shape[0] + gap
+    draw.text((margin, top), f"steps 0..{plan.steps - 1} ->", fill="black")
+    return np.asarray(canvas)
 
 
 def _png(array: np.ndarray) -> bytes:
