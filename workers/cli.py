@@ -171,9 +171,6 @@ def calibrate(
         lease_seconds=_lease_seconds(), wait=not no_wait, min_psnr=min_psnr,
         min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
     )  # fmt: skip
-    _log(
-        f"job {request.job_key[:12]}: {model} {resolution}, {request.steps} steps, {len(request.calls)} trajectories"
-    )
     result = submit(registry, request, options).to_json()
     _emit(as_json, result, _describe(result))
     if not result["gate"]["passed"]:
