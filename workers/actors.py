@@ -79,6 +79,7 @@ class CalibrationWorker:
     def ready(self) -> dict[str, Any]:
         """Where this worker runs and how long loading took."""
         return {
+            "node": _node_id(),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "device": self.device,
@@ -179,6 +180,15 @@ class CalibrationWorker:
         if min(full.shape[1:3]) >= metrics.SSIM_TAPS:
             result["ssim"] = round(float(metrics.ssim(fast, full)), 4)
         return {"metrics": result, "full": full, "cached": fast}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (benchmarks): this process
+        return "local"
 
 
 def remote_worker(gpus: bool, cpus: float):

@@ -276,8 +276,9 @@ class _Run:
         )
         started = time.perf_counter()
         pool = WorkerPool(
-            request.to_json(), config_store, _s3_endpoint(registry), count, options.cpus_per_worker
-        )
+            request.to_json(), config_store, _s3_endpoint(registry), count,
+            options.cpus_per_worker, self.say,
+        )  # fmt: skip
         try:
             self.pool = pool
             phase1 = self._phase(1, None)

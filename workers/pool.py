@@ -92,7 +92,8 @@ class WorkerPool:
     """``count`` calibration actors for one request."""
 
     def __init__(self, request: dict[str, Any], store_url: str, s3_endpoint_url: str | None,
-                 count: int, cpus_per_worker: float = 1.0) -> None:  # fmt: skip
+                 count: int, cpus_per_worker: float = 1.0,
+                 say: Callable[[str], None] = lambda message: None) -> None:  # fmt: skip
         import ray
 
         actor_class = remote_worker(cluster_has_gpus(), cpus_per_worker)
@@ -102,6 +103,7 @@ class WorkerPool:
         self.probes = {actor.ready.remote(): actor for actor in self.actors}
         self.idle: list[Any] = []
         self.info: dict[int, dict[str, Any]] = {}
+        self.say = say
         self.restarts = 0
         self.probe_failures: dict[int, int] = {}
         self.reprobe_at: dict[int, float] = {}
@@ -126,8 +128,14 @@ class WorkerPool:
             return
         except Exception as exc:  # noqa: BLE001 - e.g. the pipeline failed to load
             raise JobFailed(f"a worker failed to start: {_one_line(exc)}") from None
-        self.info[self.actors.index(actor)] = info
+        index = self.actors.index(actor)
+        self.info[index] = info
         self.idle.append(actor)
+        self.say(
+            f"worker {index + 1} ready ({len(self.info)}/{len(self.actors)}) on {info['host']} "
+            f"node {info['node'][:8]} "
+            f"(pid {info['pid']}, {info['device']}, loaded in {info['load_s']} s)"
+        )
 
     def _reprobe_due(self) -> None:
         now = time.monotonic()
@@ -156,7 +164,9 @@ class WorkerPool:
             if not refs and not self.reprobe_at:
                 raise JobFailed("every worker died and none could be restarted")
             done, _ = (
-                self._ray.wait(refs, num_returns=1, timeout=tick_s) if refs else ([], time.sleep(0.2))
+                self._ray.wait(refs, num_returns=1, timeout=tick_s)
+                if refs
+                else ([], time.sleep(0.2))
             )
             tick()
             waited = 0.0 if done or inflight else waited + tick_s

@@ -63,12 +63,14 @@ def test_bytes_identical_with_1_2_3_workers_any_order_and_a_killed_worker(
         registry.init()
         killed: list[int] = []
 
-        def on_shard(phase: int, result: dict, kill: bool = kill) -> None:
+        def on_shard(phase: int, result: dict, kill: bool = kill, killed: list = killed) -> None:
             if kill and phase == 1 and not killed:  # mid-phase: 3 shards still to go
                 os.kill(result["pid"], signal.SIGKILL)
                 killed.append(result["pid"])
 
-        options = RunOptions(workers=workers, cpus_per_worker=0.5, shuffle=shuffle, on_shard=on_shard)
+        options = RunOptions(
+            workers=workers, cpus_per_worker=0.5, shuffle=shuffle, on_shard=on_shard
+        )
         result = submit(registry, request_, options)
         assert result.created and result.status == "succeeded" and len(result.workers) == workers
         assert registry.store.get(blob_key(result.sha256)) == reference, f"{workers} workers"
@@ -94,7 +96,11 @@ def test_a_killed_driver_is_resumed_computing_only_the_missing_shards(
     code, result, err = finish(cli_process(home, *args, lease=2))
     assert code == 0, err
     assert result["created"] and result["attempts"] == 2
-    assert result["phases"]["phase-1"] == {**result["phases"]["phase-1"], "computed": 0, "reused": 4}
+    assert result["phases"]["phase-1"] == {
+        **result["phases"]["phase-1"],
+        "computed": 0,
+        "reused": 4,
+    }
     assert result["phases"]["phase-2"]["computed"] == 4 - stored[1]
     assert result["phases"]["phase-2"]["reused"] == stored[1]
     assert registry.store.get(blob_key(result["sha256"])) == reference
@@ -104,7 +110,10 @@ def test_racing_drivers_compute_once_then_gate_promote_report_and_idempotency(
     ray_address, home, tmp_path, request_, reference
 ):
     args = [*CLI_ARGS, "--workers", "1", "--validate", "4", "--repeats", "1"]
-    racers = [cli_process(home, *args, "--min-psnr", "200", "--ray-address", ray_address) for _ in range(2)]
+    racers = [
+        cli_process(home, *args, "--min-psnr", "200", "--ray-address", ray_address)
+        for _ in range(2)
+    ]
     outcomes = [finish(p) for p in racers]
     assert [code for code, _, _ in outcomes] == [QUALITY_GATE] * 2, outcomes
     assert sorted(result["created"] for _, result, _ in outcomes) == [False, True]
@@ -115,23 +124,35 @@ def test_racing_drivers_compute_once_then_gate_promote_report_and_idempotency(
     job = registry.show(outcomes[0][1]["sha256"])
     assert job["metrics"]["validation"]["samples"] == 4 and job["metrics"]["ideal_speedup"] > 1
     assert {"measured_speedup", "psnr_db", "ssim"} <= set(job["metrics"])
-    assert registry.store.get(blob_key(job["sha256"])) == reference  # validation never changes bytes
+    assert (
+        registry.store.get(blob_key(job["sha256"])) == reference
+    )  # validation never changes bytes
 
     runner = CliRunner()
     report = tmp_path / "report"
-    again = runner.invoke(main, [*args, "--min-psnr", "10", "--promote", "production", "--report", str(report)])
+    again = runner.invoke(
+        main, [*args, "--min-psnr", "10", "--promote", "production", "--report", str(report)]
+    )
     assert again.exit_code == 0, again.stderr
     data = json.loads(again.stdout)
     assert not data["created"] and data["promoted"] == "production" and data["attempts"] == 1
-    assert (report / "validation.png").stat().st_size > 0 and (report / "plan.png").stat().st_size > 0
+    assert (report / "validation.png").stat().st_size > 0 and (
+        report / "plan.png"
+    ).stat().st_size > 0
     assert json.loads((report / "result.json").read_text())["sha256"] == data["sha256"]
     listed = json.loads(runner.invoke(main, ["list", "--json"]).stdout)
     assert listed[0]["metrics"]["measured_speedup"] == data["metrics"]["measured_speedup"]
     assert listed[0]["aliases"] == ["production"]
-    jobs = json.loads(runner.invoke(main, ["jobs", "list", "--status", "succeeded", "--json"]).stdout)
+    jobs = json.loads(
+        runner.invoke(main, ["jobs", "list", "--status", "succeeded", "--json"]).stdout
+    )
     assert [j["job_key"] for j in jobs] == [request_.job_key]
-    shown = json.loads(runner.invoke(main, ["jobs", "show", request_.job_key[:10], "--json"]).stdout)
-    assert shown["result"]["version"] == 1 and shown["request"]["calls"] == request_.to_json()["calls"]
+    shown = json.loads(
+        runner.invoke(main, ["jobs", "show", request_.job_key[:10], "--json"]).stdout
+    )
+    assert (
+        shown["result"]["version"] == 1 and shown["request"]["calls"] == request_.to_json()["calls"]
+    )
     assert shown["progress"]["phase-2"]["done"] == TRAJECTORIES
 
 
@@ -159,7 +180,9 @@ def test_bad_input_is_one_line_with_its_exit_code_and_leaves_nothing(home, tmp_p
     for args, code, message in cases:
         result = runner.invoke(main, args)
         assert result.exit_code == code, (args, result.stderr)
-        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr
+        )
     _no_trace(home)
 
 

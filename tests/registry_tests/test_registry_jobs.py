@@ -32,7 +32,9 @@ def test_claim_is_exclusive_until_the_lease_expires(registry):
     jobs.fail(registry, KEY, "host:1:a", "late failure", {})  # ignored: not the holder
     assert jobs.get_job(registry, KEY).status == "running"
     done = jobs.finish(registry, KEY, "host:2:b", {"version": 1}, {"total_s": 1.0}, {})
-    assert done.status == "succeeded" and done.lease_holder is None and done.result == {"version": 1}
+    assert (
+        done.status == "succeeded" and done.lease_holder is None and done.result == {"version": 1}
+    )
     again = jobs.claim(registry, KEY, "digits-flux", REQUEST, "host:3:c")
     assert again.state == jobs.SUCCEEDED and again.job.attempts == 2
 
@@ -43,7 +45,9 @@ def test_a_failed_job_is_resumed_by_the_next_claim(registry):
     failed = jobs.get_job(registry, KEY)
     assert failed.status == "failed" and "worker crashed" in failed.error
     resumed = jobs.claim(registry, KEY, "digits-flux", REQUEST, "b")
-    assert resumed.state == jobs.ACQUIRED and resumed.job.attempts == 2 and resumed.job.error is None
+    assert (
+        resumed.state == jobs.ACQUIRED and resumed.job.attempts == 2 and resumed.job.error is None
+    )
 
 
 def test_racing_claims_give_the_job_to_exactly_one_driver(registry):
