@@ -73,8 +73,13 @@ def _lease_seconds() -> float:
 @click.option("--flag-index", type=click.Choice(["reference", "aligned"]), help="Flag alignment.")
 @click.option("--max-consecutive", type=click.IntRange(min=1), help="Cap on consecutive reuse.")
 @click.option(
-    "--target-speedup", type=FINITE, help="Budget target, passed to the engine's calibrator."
-)
+    "--target-speedup", type=FINITE, metavar="X",
+    help="Budget: the most faithful plan with this ideal speed-up (needs invardiff.budget).",
+)  # fmt: skip
+@click.option(
+    "--target-psnr", type=FINITE, metavar="DB",
+    help="Budget: the fastest plan keeping this PSNR on held-out seeds (needs invardiff.budget).",
+)  # fmt: skip
 @click.option(
     "--set",
     "settings",
@@ -154,13 +159,14 @@ def calibrate(
     from .driver import RunOptions, submit
     from .request import build_request
 
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
     overrides = {k: v for k, v in params.items() if v is not None}
     overrides.update(_parse_settings(settings))
     registry = _registry(ctx)
     request = build_request(
         registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
         params=overrides, trajectories=trajectories, prompts_file=prompts_file,
-        validate=validate, repeats=repeats,
+        validate=validate, repeats=repeats, budget=budget,
     )  # fmt: skip
     if promote_alias is not None:
         from registry.matching import check_name

@@ -276,16 +276,20 @@ class _Run:
         )
         started = time.perf_counter()
         pool = WorkerPool(
-            request.to_json(), config_store, _s3_endpoint(registry), count,
+            request.to_json(), self.key, config_store, _s3_endpoint(registry), count,
             options.cpus_per_worker, self.say,
         )  # fmt: skip
         try:
             self.pool = pool
             phase1 = self._phase(1, None)
-            provisional = self._provisional(phase1)
-            phase2 = self._phase(2, provisional)
-            self.say("building the plan")
-            plan_bytes = pool.call_one("build", phase1, phase2, tick=self.beat.check)
+            if request.budget:  # budget-targeted: phase 1 statistics, then a measured search
+                self.say(f"building the plan for the budget {request.budget}")
+                build = ("build_budget", phase1)
+            else:
+                provisional = self._timed("barrier_s", self._provisional, phase1)
+                build = ("build", phase1, self._phase(2, provisional))
+                self.say("building the plan")
+            plan_bytes = self._timed("build_s", pool.call_one, *build, tick=self.beat.check)
             validation = self._validate(plan_bytes)
             workers = pool.workers()
             self.restarts = pool.restarts
@@ -293,6 +297,12 @@ class _Run:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)
         return self._publish(plan_bytes, validation, workers, attempts)
+
+    def _timed(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        value = function(*args, **kwargs)
+        self.phases[name] = round(time.perf_counter() - started, 3)
+        return value
 
     def _phase(self, phase: int, provisional) -> list[bytes]:
         """Compute the missing shards of ``phase``; return every shard's bytes in index order."""

@@ -78,7 +78,12 @@ def ray_session(address: str | None, num_cpus: int | None):
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **options)
+            ray.init(
+                address="local",  # never join a cluster a stale ray_current_cluster names
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                **options,
+            )
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds: all mean "no cluster"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Unreachable(f"cannot start or reach Ray at {address or 'local'}: {detail}") from None
@@ -91,14 +96,21 @@ def ray_session(address: str | None, num_cpus: int | None):
 class WorkerPool:
     """``count`` calibration actors for one request."""
 
-    def __init__(self, request: dict[str, Any], store_url: str, s3_endpoint_url: str | None,
-                 count: int, cpus_per_worker: float = 1.0,
-                 say: Callable[[str], None] = lambda message: None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        request: dict[str, Any],
+        job_key: str,
+        store_url: str,
+        s3_endpoint_url: str | None,
+        count: int,
+        cpus_per_worker: float = 1.0,
+        say: Callable[[str], None] = lambda message: None,
+    ) -> None:
         import ray
 
         actor_class = remote_worker(cluster_has_gpus(), cpus_per_worker)
         self.actors = [
-            actor_class.remote(request, store_url, s3_endpoint_url) for _ in range(count)
+            actor_class.remote(request, job_key, store_url, s3_endpoint_url) for _ in range(count)
         ]
         self.probes = {actor.ready.remote(): actor for actor in self.actors}
         self.idle: list[Any] = []

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -66,7 +67,10 @@ def _wait_port(port: int, timeout: float = 120) -> None:
 
 def test_two_node_cluster_completes_after_losing_a_node(home):
     port = _free_port()
-    head = _start_node("--head", f"--port={port}", "--include-dashboard=false")
+    temp = tempfile.mkdtemp(prefix="ray-")  # short (socket paths) and not the shared /tmp/ray
+    head = _start_node(
+        "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"
+    )
     second = None
     try:
         _wait_port(port)
@@ -87,3 +91,4 @@ def test_two_node_cluster_completes_after_losing_a_node(home):
         if second is not None:
             _stop(second, grace=0)
         _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
