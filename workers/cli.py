@@ -162,7 +162,7 @@ def calibrate(
     budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
     overrides = {k: v for k, v in params.items() if v is not None}
     overrides.update(_parse_settings(settings))
-    registry = _registry(ctx)
+    registry = _embedded_or_configured(ctx)
     request = build_request(
         registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
         params=overrides, trajectories=trajectories, prompts_file=prompts_file,
@@ -183,6 +183,25 @@ def calibrate(
         raise QualityGateFailed(
             f"quality gate failed: {'; '.join(result['gate']['reasons'])} (published, not promoted)"
         )
+
+
+def _embedded_or_configured(ctx: click.Context):
+    """The configured registry; the embedded default (nothing configured) is created on first use.
+
+    So that ``calibrate`` on a fresh machine needs no ``init`` first. A configured database is
+    never initialized implicitly, and an existing schema is never upgraded implicitly.
+    """
+    configured = any(ctx.obj.get(k) for k in ("database_url", "store_url")) or any(
+        os.environ.get(k) for k in ("INVARDIFF_DATABASE_URL", "INVARDIFF_STORE_URL")
+    )
+    if not configured:
+        from registry import db
+
+        registry = _registry(ctx, create=True, check_schema=False)
+        if db.current_revision(registry.engine) is None:
+            _log(f"creating the embedded registry ({db.display_url(str(registry.engine.url))})")
+            registry.init()
+    return _registry(ctx)
 
 
 def _describe(result: dict[str, Any]) -> str:

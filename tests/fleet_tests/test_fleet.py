@@ -82,9 +82,11 @@ def test_bytes_identical_with_1_2_3_workers_any_order_and_a_killed_worker(
 def test_a_killed_driver_is_resumed_computing_only_the_missing_shards(
     ray_address, home, request_, reference
 ):
+    home = home.parent / "fresh-home"  # nothing there: the first driver creates the registry
     args = [*CLI_ARGS, "--workers", "1", "--validate", "0", "--ray-address", ray_address]
     first = cli_process(home, *args, lease=2)
-    wait_for_line(first, "phase 2: 1/4 trajectories")
+    first_lines = wait_for_line(first, "phase 2: 1/4 trajectories")
+    assert any("creating the embedded registry" in line for line in first_lines)
     first.send_signal(signal.SIGKILL)
     first.wait()
     registry = open_registry(home)
