@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -65,6 +66,24 @@ def _wait_port(port: int, timeout: float = 120) -> None:
     raise AssertionError(f"the Ray head did not listen on {port} in {timeout} s")
 
 
+def _wait_nodes(port: int, count: int, timeout: float = 120) -> None:
+    """Until the cluster has ``count`` live nodes (asked by a short-lived driver)."""
+    probe = (
+        f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    env = {**os.environ, **RAY_ENV}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+        )
+        if out.stdout.strip() == str(count):
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster did not reach {count} nodes in {timeout} s")
+
+
 def test_two_node_cluster_completes_after_losing_a_node(home):
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="ray-")  # short (socket paths) and not the shared /tmp/ray
@@ -75,6 +94,7 @@ def test_two_node_cluster_completes_after_losing_a_node(home):
     try:
         _wait_port(port)
         second = _start_node(f"--address=127.0.0.1:{port}")
+        _wait_nodes(port, 2)  # so that both workers load at the same time
         args = ["calibrate", "digits-flux", "16", "--trajectories", "8", "--workers", "2",
                 "--validate", "0", "--ray-address", f"127.0.0.1:{port}", "--json"]  # fmt: skip
         driver = cli_process(home, *args)
