@@ -178,6 +178,8 @@ def test_bad_input_is_one_line_with_its_exit_code_and_leaves_nothing(home, tmp_p
         ([*base, "--validate", "0", "--min-psnr", "30"], 2, "need validation samples"),
         ([*base, "--ray-address", f"127.0.0.1:{free_port}"], 5, "cannot reach the Ray cluster"),
         ([*base, "--set", "nonsense"], 2, "expected KEY=VALUE"),
+        # without invardiff.budget: refused; with it: quantiles do not apply to a budget
+        ([*base, "--target-speedup", "2", "--q-step", "0.5"], 2, "budget"),
     ]
     for args, code, message in cases:
         result = runner.invoke(main, args)
