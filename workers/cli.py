@@ -208,13 +208,19 @@ def _describe(result: dict[str, Any]) -> str:
     metrics = result["metrics"]
     state = "calibrated" if result["created"] else "already calibrated"
     lines = [
-        f"{state}: {result['model']} v{result['version']} {result['sha256']} (job {result['job_key'][:12]})",
         (
-            f"speed-up {metrics.get('measured_speedup')}x measured, "
-            f"{metrics.get('ideal_speedup')}x ideal; "
-            f"PSNR {metrics.get('psnr_db')} dB, SSIM {metrics.get('ssim')}"
+            f"{state}: {result['model']} v{result['version']} {result['sha256']} "
+            f"(job {result['job_key'][:12]})"
         ),
+        f"ideal speed-up {metrics.get('ideal_speedup', 0):.2f}x",
     ]
+    if "measured_speedup" in metrics:
+        psnr = metrics["psnr_db"]
+        lines[1] = (
+            f"speed-up {metrics['measured_speedup']:.2f}x measured ({metrics['ideal_speedup']:.2f}x "
+            f"ideal); PSNR {'inf' if psnr is None else psnr} dB, SSIM {metrics.get('ssim', '-')} "
+            f"vs full compute on {metrics['validation']['samples']} held-out samples"
+        )
     if result["promoted"]:
         lines.append(f"promoted to {result['promoted']}")
     for name, path in (result.get("report") or {}).items():

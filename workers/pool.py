@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
-from registry.errors import Unreachable
+from registry.errors import RegistryError, Unreachable
 
 from .actors import remote_worker
 from .errors import JobFailed
@@ -65,7 +65,10 @@ def ray_session(address: str | None, num_cpus: int | None):
 
     An already initialized Ray (tests, notebooks) is used as is and left running.
     """
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RegistryError("calibrate needs Ray: pip install 'invardiff[fleet]'") from None
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
