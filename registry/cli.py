@@ -62,8 +62,23 @@ STEPS = click.IntRange(min=1, max=MAX_STEPS)
 FINITE = _FiniteFloat()
 
 
+# Commands defined outside the registry (the fleet), imported only when named or listed.
+LAZY_COMMANDS = {"calibrate": "workers.cli:calibrate", "jobs": "workers.cli:jobs"}
+
+
 class _Main(click.Group):
     """The group whose ``main`` turns every failure into one stderr line and an exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, _, attribute = LAZY_COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("INVARDIFF_DEBUG", "") not in ("", "0")
@@ -402,6 +417,7 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
             + ",".join(
                 [*(["latest"] if r["latest"] else []), *r["aliases"], *_revoked(r["status"])]
             )
+            + _measured(r["metrics"])
         ).rstrip()
         for r in rows
     ]
@@ -410,6 +426,14 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
 
 def _revoked(status: str) -> list[str]:
     return [status.upper()] if status == REVOKED else []
+
+
+def _measured(metrics: dict[str, Any]) -> str:
+    """`` measured 2.5x, 34.9 dB`` for versions validated by ``calibrate``."""
+    if "measured_speedup" not in metrics:
+        return ""
+    psnr = metrics.get("psnr_db")
+    return f"  measured {metrics['measured_speedup']}x, {'inf' if psnr is None else psnr} dB"
 
 
 model_option = click.option(
