@@ -31,7 +31,12 @@ CRDS = ROOT.parent / "shared" / "reference" / "kuberay-crds"
 KUBERNETES_VERSION = "1.31"
 PROG = "invardiff-registry"
 # Example values for the templates' envsubst variables.
-TEMPLATE_VALUES = {"JOB_NAME": "digits-flux-16", "MODEL": "digits-flux", "RESOLUTION": "16", "TRAJECTORIES": "8"}  # fmt: skip
+TEMPLATE_VALUES = {
+    "JOB_NAME": "digits-flux-16",
+    "MODEL": "digits-flux",
+    "RESOLUTION": "16",
+    "TRAJECTORIES": "8",
+}
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
 
 
@@ -157,7 +162,15 @@ def test_manifest_is_valid(name: str, document: dict[str, Any]) -> None:
 
 def test_the_expected_kinds_are_there() -> None:
     kinds = sorted(d["kind"] for _, d in all_documents())
-    for kind in ("CronJob", "Job", "PersistentVolumeClaim", "RayCluster", "RayJob", "Secret", "ServiceAccount"):  # fmt: skip
+    for kind in (
+        "CronJob",
+        "Job",
+        "PersistentVolumeClaim",
+        "RayCluster",
+        "RayJob",
+        "Secret",
+        "ServiceAccount",
+    ):
         assert kind in kinds
 
 
@@ -255,12 +268,20 @@ def _set(document: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 BROKEN = {
     "unknown RayCluster field": ("RayCluster", "spec.workerGroupSpecs.0.minReplica", 0),
-    "rayStartParams value not a string": ("RayCluster", "spec.headGroupSpec.rayStartParams.num-cpus", 0),  # fmt: skip
+    "rayStartParams value not a string": (
+        "RayCluster",
+        "spec.headGroupSpec.rayStartParams.num-cpus",
+        0,
+    ),
     "RayCluster missing head": ("RayCluster", "spec.headGroupSpec", DELETE),
     "bad auth mode": ("RayCluster", "spec.authOptions.mode", "password"),
     "RayJob backoffLimit not a number": ("RayJob", "spec.backoffLimit", "once"),
     "RayJob bad metadata": ("RayJob", "metadata.labels", ["calibrate"]),
-    "CronJob unknown container field": ("CronJob", "spec.jobTemplate.spec.template.spec.containers.0.comand", ["x"]),  # fmt: skip
+    "CronJob unknown container field": (
+        "CronJob",
+        "spec.jobTemplate.spec.template.spec.containers.0.comand",
+        ["x"],
+    ),
     "CronJob schedule not a string": ("CronJob", "spec.schedule", 3),
     "Secret value not a string": ("Secret", "stringData.AWS_DEFAULT_REGION", 1),
     "ServiceAccount unknown field": ("ServiceAccount", "automountToken", False),
@@ -294,19 +315,21 @@ def test_a_broken_command_line_is_refused(argv: str) -> None:
 # ---- the image ----------------------------------------------------------------------------
 def test_image_is_cuda_pytorch_with_the_fleet_extra_and_the_cluster_ray() -> None:
     dockerfile = (INFRA / "Dockerfile").read_text()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
     assert base and re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[1])
     assert re.search(r"pip install .*\"\.\[fleet\]\"", dockerfile)
-    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M)[1]
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.MULTILINE)[1]
     assert the("RayCluster")["spec"]["rayVersion"] == ray_version
     assert the("RayJob")["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
 
 
 def test_image_context_holds_every_package() -> None:
-    find = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    find = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     included = re.findall(r'"([^"]+)"', find[1])
     allowed = {
-        line[1:] for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")
-    }  # fmt: skip
+        line[1:]
+        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     assert {"pyproject.toml", "README.md"} <= allowed
     assert {p.rstrip("*") for p in included} <= allowed
