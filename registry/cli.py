@@ -61,8 +61,23 @@ STEPS = click.IntRange(min=1)
 FINITE = _FiniteFloat()
 
 
+# Commands defined outside the registry (the fleet), imported only when named or listed.
+LAZY_COMMANDS = {"calibrate": "workers.cli:calibrate", "jobs": "workers.cli:jobs"}
+
+
 class _Main(click.Group):
     """The group whose ``main`` turns every failure into one stderr line and an exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, _, attribute = LAZY_COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("INVARDIFF_DEBUG", "") not in ("", "0")

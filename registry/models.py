@@ -110,7 +110,11 @@ class CalibrationJob(Base):
     """A calibration request, idempotent by ``job_key`` (hash of the canonical request)."""
 
     __tablename__ = "calibration_jobs"
-    __table_args__ = (CheckConstraint(one_of("status", JOB_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(one_of("status", JOB_STATUSES), name="status"),
+        Index(None, "status"),
+        Index(None, "model"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_key: Mapped[str] = mapped_column(String(64), unique=True)
@@ -124,6 +128,13 @@ class CalibrationJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Fleet (migration 0003_fleet): the driver holding the job, shard progress, result.
+    lease_holder: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    progress: Mapped[dict[str, Any] | None]
+    timings: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]
 
 
 class PlanVersion(Base):

@@ -1,7 +1,7 @@
 """Operator marks on plan versions (``invardiff-registry mark-stale``).
 
 Revision ID: 0004_stale
-Revises: 0001_initial
+Revises: 0003_fleet
 Create Date: 2026-11-29
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_stale"
-down_revision = "0001_initial"
+down_revision = "0003_fleet"
 branch_labels = None
 depends_on = None
 
