@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from sqlalchemy import select, update
 from invardiff import PlanTarget, all_compute_plan
 from registry import jobs
 from registry.cli import main
-from registry.errors import NOT_FOUND, USAGE, InvalidInput, NotFound
+from registry.errors import NOT_FOUND, UNREACHABLE, USAGE, InvalidInput, NotFound
 from registry.matching import ModelInfo, Resolution, TargetKey
 from registry.models import CalibrationJob, PlanVersion
 from registry.staleness import PlanState, Policy, find_due, mark_stale, stale_reasons
@@ -225,6 +226,14 @@ def test_cli_marks_and_dry_runs_without_writing(config, tmp_path: Path, monkeypa
     assert entry["action"] == "would_submit" and entry["reasons"] == ["library_changed"]
     assert entry["target"]["guidance"] == 1.25 and len(entry["job_key"]) == 64
     assert jobs.list_jobs(registry) == []  # a dry run writes nothing
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    down = runner.invoke(
+        main, ["recalibrate", "--due", "--ray-address", f"http://127.0.0.1:{closed}"]
+    )
+    assert down.exit_code == UNREACHABLE and "cannot reach the Ray job server" in down.stderr
+    assert jobs.list_jobs(registry) == []  # nothing inserted when the job server is down
     usage = runner.invoke(main, ["recalibrate", "--due", "--job", "abcdef"])
     assert usage.exit_code == USAGE and "exactly one of --due and --job" in usage.stderr
     missing = runner.invoke(main, ["mark-stale", "0123456789"])
@@ -235,6 +244,31 @@ def test_cli_marks_and_dry_runs_without_writing(config, tmp_path: Path, monkeypa
     assert marked.exit_code == 0 and json.loads(marked.stdout)["reason"] == "x"
     dry = runner.invoke(main, ["recalibrate", "--due", "--dry-run"])
     assert "library_changed,marked" in dry.stdout
+    # --job runs a stored job; one that already succeeded is answered from its row, no Ray.
+    jobs.ensure_job(registry, entry["job_key"], "digits-dit", {})
+    with registry.session() as session:
+        session.execute(update(CalibrationJob).values(status="succeeded", result={"version": 7}))
+    done = runner.invoke(main, ["recalibrate", "--job", entry["job_key"][:10], "--json"])
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "job_key": entry["job_key"],
+        "model": "digits-dit",
+        "action": "succeeded",
+        "version": 7,
+    }
+    unknown = runner.invoke(main, ["recalibrate", "--job", "0123456789"])
+    assert unknown.exit_code == NOT_FOUND
+    # A due plan whose request cannot be built (no local snapshot of the new revision): the
+    # report says why, the others still go, and the exit code is 1.
+    flux = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
+    registry.add_model("flux-dev", flux.target.source, "4567def", "flux", {}, update=True)
+    failed = runner.invoke(main, ["recalibrate", "--due", "--dry-run", "--json"])
+    assert failed.exit_code == 1 and "1 due plan(s) could not be submitted" in failed.stderr
+    actions = {e["model"]: e for e in json.loads(failed.stdout)["due"]}
+    assert actions["digits-dit"]["action"] == "succeeded"
+    assert (
+        "no snapshot" in actions["flux-dev"]["error"] and "4567def" in actions["flux-dev"]["error"]
+    )
 
 
 # ---- two schedulers at once, a real Ray job server ------------------------------------------
@@ -278,8 +312,6 @@ def ray_jobs(env: dict[str, str], *stop: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def ray_job_server():
     """A Ray head (its own process group) with the job server and token auth; a client env."""
-    import socket
-
     ports = []
     for _ in range(4):
         with socket.socket() as sock:
