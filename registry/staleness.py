@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from .errors import InvalidInput
+from .jobs import _aware, _iso
 from .matching import READY, ModelInfo, TargetKey
 from .models import CalibrationJob, ModelAlias, PlanTarget, PlanVersion, utcnow
 from .service import _model_info, _target_key, _user
@@ -257,14 +258,3 @@ def mark_stale(
             "marked_by": row.stale_marked_by,
             "reason": reason,
         }
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:  # SQLite returns naive UTC values
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment
-
-
-def _iso(moment: datetime | None) -> str | None:
-    moment = _aware(moment)
-    return None if moment is None else moment.isoformat()

@@ -250,6 +250,13 @@ def test_every_command_line_parses() -> None:
         parse_command_line(line)
 
 
+def test_the_submitted_recalibration_entrypoint_parses() -> None:
+    from workers.schedule import job_entrypoint
+
+    context = parse_command_line(shlex.split(job_entrypoint("ab" * 32)))
+    assert context.params["job_ref"] == "ab" * 32 and context.params["ray_address"] == "auto"
+
+
 # ---- the checks fail on broken manifests ----------------------------------------------------
 DELETE = object()
 
