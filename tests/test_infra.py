@@ -253,8 +253,9 @@ def test_every_command_line_parses() -> None:
 def test_the_submitted_recalibration_entrypoint_parses() -> None:
     from workers.schedule import job_entrypoint
 
-    context = parse_command_line(shlex.split(job_entrypoint("ab" * 32)))
+    context = parse_command_line(shlex.split(job_entrypoint("ab" * 32, 4, "production")))
     assert context.params["job_ref"] == "ab" * 32 and context.params["ray_address"] == "auto"
+    assert (context.params["workers"], context.params["promote_alias"]) == (4, "production")
 
 
 # ---- the checks fail on broken manifests ----------------------------------------------------

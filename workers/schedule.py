@@ -24,6 +24,7 @@ and last calibration time) so that it is a new job, computed afresh.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -94,15 +95,20 @@ def submission_id(job: jobs.JobInfo) -> str:
     return f"{SUBMISSION_PREFIX}{job.job_key}-{job.attempts}"
 
 
-def job_entrypoint(job_key: str) -> str:
+def job_entrypoint(job_key: str, workers: int | None = None, promote: str | None = None) -> str:
     """What a submitted Ray job runs on the cluster's head."""
-    return f"{PROGRAM} recalibrate --job {job_key} --ray-address auto --json"
+    options = (f" --workers {int(workers)}" if workers else "") + (
+        f" --promote {shlex.quote(promote)}" if promote else ""
+    )
+    return f"{PROGRAM} recalibrate --job {job_key} --ray-address auto{options} --json"
 
 
 class RayJobs:
     """Submit to a Ray cluster's job server (its dashboard address, ``http://head:8265``)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, workers: int | None = None, promote: str | None = None
+    ) -> None:
         from ray.job_submission import JobSubmissionClient
 
         try:
@@ -111,13 +117,13 @@ class RayJobs:
             raise Unreachable(
                 f"cannot reach the Ray job server at {address}: {_line(exc)}"
             ) from None
-        self.address = address
+        self.address, self.workers, self.promote = address, workers, promote
 
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
         sid = submission_id(job)
         try:
             self.client.submit_job(
-                entrypoint=job_entrypoint(job.job_key),
+                entrypoint=job_entrypoint(job.job_key, self.workers, self.promote),
                 submission_id=sid,
                 metadata={"invardiff_job_key": job.job_key, "model": job.model},
             )
@@ -162,12 +168,14 @@ class InProcess:
         }
 
 
-def dispatcher_for(address: str | None, **in_process: Any) -> Dispatcher:
+def dispatcher_for(
+    address: str | None, workers: int | None = None, promote: str | None = None, progress=None
+) -> Dispatcher:
     """:class:`RayJobs` for an ``http(s)://`` address, else :class:`InProcess`."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):
-        return RayJobs(address)
-    return InProcess(ray_address=address, **in_process)
+        return RayJobs(address, workers, promote)
+    return InProcess(address, workers, promote, progress)
 
 
 def recalibrate_due(
