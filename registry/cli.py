@@ -394,10 +394,19 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
             f"{','.join(r['models']):<16} {r['resolution']:>10} {r['target']['steps']:>4} steps  "
             f"{r['target']['scheduler'] or '-':<32} v{r['version']:<3} {r['sha256'][:12]}  "
             + ",".join([*(["latest"] if r["latest"] else []), *r["aliases"]])
+            + _measured(r["metrics"])
         ).rstrip()
         for r in rows
     ]
     _emit(as_json, rows, "\n".join(lines) or "no plans")
+
+
+def _measured(metrics: dict[str, Any]) -> str:
+    """`` measured 2.5x, 34.9 dB`` for versions validated by ``calibrate``."""
+    if "measured_speedup" not in metrics:
+        return ""
+    psnr = metrics.get("psnr_db")
+    return f"  measured {metrics['measured_speedup']}x, {'inf' if psnr is None else psnr} dB"
 
 
 model_option = click.option(

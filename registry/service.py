@@ -342,6 +342,14 @@ class Registry:
         models = [self.model(model_name)] if model_name else self.models()
         rows = []
         with self.session() as session:
+            metrics = {
+                (key_hash, number): stored
+                for key_hash, number, stored in session.execute(
+                    select(PlanTarget.key_hash, PlanVersion.version, PlanVersion.metrics).join(
+                        PlanVersion.target
+                    )
+                )
+            }
             for checkpoint in sorted({(m.source, m.revision) for m in models}, key=str):
                 names = sorted(m.name for m in models if (m.source, m.revision) == checkpoint)
                 for entry in self.entries(session, *checkpoint):
@@ -357,6 +365,7 @@ class Registry:
                                 **version.to_json(),
                                 "aliases": aliases,
                                 "latest": version == entry.latest(),
+                                "metrics": metrics[(entry.key.key_hash, version.version)],
                             }
                         )
         return rows

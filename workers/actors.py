@@ -54,13 +54,23 @@ def batched_call(calls: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]
 class CalibrationWorker:
     """Holds one pipeline; computes trajectory statistics, builds and validates plans."""
 
-    def __init__(self, request: dict[str, Any], store_url: str, s3_endpoint_url: str | None = None):
+    def __init__(
+        self,
+        request: dict[str, Any],
+        job_key: str,
+        store_url: str,
+        s3_endpoint_url: str | None = None,
+    ):
         import torch
 
         from invardiff.calibration import CalibrationParams, pipeline_runner
 
         started = time.perf_counter()
         self.request = CalibrationRequest.from_json(request)
+        if self.request.job_key != job_key:  # driver and worker run different fleet code
+            raise RuntimeError(
+                f"this worker derives job key {self.request.job_key[:12]}, not {job_key[:12]}"
+            )
         here = library_versions()
         if here != self.request.versions:
             raise RuntimeError(
@@ -79,6 +89,7 @@ class CalibrationWorker:
     def ready(self) -> dict[str, Any]:
         """Where this worker runs and how long loading took."""
         return {
+            "node": _node_id(),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "device": self.device,
@@ -119,6 +130,34 @@ class CalibrationWorker:
         request = self.request
         plan = build_plan(self.pipe, request.calls, self.params, first, second,
                           model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
+        return self._finish(plan)
+
+    def build_budget(self, phase1: list[bytes]) -> bytes:
+        """A budget-targeted plan (``invardiff.budget``) from the phase-1 statistics.
+
+        Candidates are measured on held-out calls (the calibration calls with fresh seeds).
+        """
+        from invardiff.budget import budget_plan
+        from invardiff.holdout import check_disjoint, holdout_calls, holdout_measure
+        from invardiff.targeted import template_plan
+
+        from invardiff.calibration import TrajectoryStats, _jsonable, merge_scores, provenance
+
+        request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
+        held = holdout_calls(request.calls)
+        check_disjoint(request.calls, held)
+        template = template_plan(self.pipe, request.calls, stats,
+                                 model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
+        record = {**provenance(request.calls, self.params), "params": {"flag_index": self.params.flag_index},
+                  "holdout": _jsonable(held)}  # fmt: skip
+        plan = budget_plan(template, merge_scores(stats), **request.budget,
+                           measure=holdout_measure(self.pipe, held), flag_index=self.params.flag_index,
+                           provenance=record)  # fmt: skip
+        return self._finish(plan)
+
+    def _finish(self, plan) -> bytes:
+        """The request's resolution and identity recorded in the plan; its canonical bytes."""
+        request = self.request
         target = replace(plan.target, height=request.height, width=request.width)
         calibration = {
             **plan.calibration,
@@ -179,6 +218,15 @@ class CalibrationWorker:
         if min(full.shape[1:3]) >= metrics.SSIM_TAPS:
             result["ssim"] = round(float(metrics.ssim(fast, full)), 4)
         return {"metrics": result, "full": full, "cached": fast}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (benchmarks): this process
+        return "local"
 
 
 def remote_worker(gpus: bool, cpus: float):

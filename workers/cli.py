@@ -73,8 +73,13 @@ def _lease_seconds() -> float:
 @click.option("--flag-index", type=click.Choice(["reference", "aligned"]), help="Flag alignment.")
 @click.option("--max-consecutive", type=click.IntRange(min=1), help="Cap on consecutive reuse.")
 @click.option(
-    "--target-speedup", type=FINITE, help="Budget target, passed to the engine's calibrator."
-)
+    "--target-speedup", type=FINITE, metavar="X",
+    help="Budget: the most faithful plan with this ideal speed-up (needs invardiff.budget).",
+)  # fmt: skip
+@click.option(
+    "--target-psnr", type=FINITE, metavar="DB",
+    help="Budget: the fastest plan keeping this PSNR on held-out seeds (needs invardiff.budget).",
+)  # fmt: skip
 @click.option(
     "--set",
     "settings",
@@ -154,13 +159,14 @@ def calibrate(
     from .driver import RunOptions, submit
     from .request import build_request
 
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
     overrides = {k: v for k, v in params.items() if v is not None}
     overrides.update(_parse_settings(settings))
-    registry = _registry(ctx)
+    registry = _embedded_or_configured(ctx)
     request = build_request(
         registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
         params=overrides, trajectories=trajectories, prompts_file=prompts_file,
-        validate=validate, repeats=repeats,
+        validate=validate, repeats=repeats, budget=budget,
     )  # fmt: skip
     if promote_alias is not None:
         from registry.matching import check_name
@@ -171,15 +177,31 @@ def calibrate(
         lease_seconds=_lease_seconds(), wait=not no_wait, min_psnr=min_psnr,
         min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
     )  # fmt: skip
-    _log(
-        f"job {request.job_key[:12]}: {model} {resolution}, {request.steps} steps, {len(request.calls)} trajectories"
-    )
     result = submit(registry, request, options).to_json()
     _emit(as_json, result, _describe(result))
     if not result["gate"]["passed"]:
         raise QualityGateFailed(
             f"quality gate failed: {'; '.join(result['gate']['reasons'])} (published, not promoted)"
         )
+
+
+def _embedded_or_configured(ctx: click.Context):
+    """The configured registry; the embedded default (nothing configured) is created on first use.
+
+    So that ``calibrate`` on a fresh machine needs no ``init`` first. A configured database is
+    never initialized implicitly, and an existing schema is never upgraded implicitly.
+    """
+    configured = any(ctx.obj.get(k) for k in ("database_url", "store_url")) or any(
+        os.environ.get(k) for k in ("INVARDIFF_DATABASE_URL", "INVARDIFF_STORE_URL")
+    )
+    if not configured:
+        from registry import db
+
+        registry = _registry(ctx, create=True, check_schema=False)
+        if db.current_revision(registry.engine) is None:
+            _log(f"creating the embedded registry ({db.display_url(str(registry.engine.url))})")
+            registry.init()
+    return _registry(ctx)
 
 
 def _describe(result: dict[str, Any]) -> str:

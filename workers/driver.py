@@ -52,6 +52,7 @@ class RunOptions:
     promote: str | None = None
     report: Path | None = None
     shuffle: int | None = None  # dispatch shards in a random order seeded by this (tests)
+    on_shard: Callable[[int, dict[str, Any]], None] | None = None  # (phase, shard result)
     progress: Callable[[str], None] | None = None
 
 
@@ -72,6 +73,7 @@ class JobResult:
     phases: dict[str, Any] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 0
+    worker_restarts: int = 0
     report: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -83,12 +85,18 @@ class JobResult:
 def quality_gate(
     metrics: dict[str, Any], min_psnr: float | None, min_speedup: float | None
 ) -> dict[str, Any]:
-    """Whether measured metrics meet the thresholds (an identical image has ``psnr_db`` None: inf)."""
+    """Whether measured metrics meet the thresholds.
+
+    ``psnr_db`` None means identical outputs (infinite PSNR); a plan without validation
+    metrics fails any threshold.
+    """
     reasons = []
+    if (min_psnr is not None or min_speedup is not None) and "measured_speedup" not in metrics:
+        reasons.append("the plan has no validation metrics (it was calibrated with --validate 0)")
     psnr, speedup = metrics.get("psnr_db"), metrics.get("measured_speedup")
     if min_psnr is not None and psnr is not None and psnr < min_psnr:
         reasons.append(f"PSNR {psnr} dB < {min_psnr} dB")
-    if min_speedup is not None and (speedup is None or speedup < min_speedup):
+    if min_speedup is not None and speedup is not None and speedup < min_speedup:
         reasons.append(f"measured speed-up {speedup}x < {min_speedup}x")
     return {
         "passed": not reasons,
@@ -218,7 +226,11 @@ class _Run:
         claim = self._claim()
         if claim.state == jobs.SUCCEEDED:
             return _finish_existing(self.registry, claim.job, self.options)
-        self.say(f"job {self.key[:12]}: attempt {claim.job.attempts} by {self.holder}")
+        request = self.request
+        self.say(
+            f"job {self.key[:12]}: {request.model} {request.resolution}, {request.steps} steps, "
+            f"{len(request.calls)} trajectories; attempt {claim.job.attempts} by {self.holder}"
+        )
         started = time.perf_counter()
         try:
             with _Heartbeat(
@@ -264,21 +276,33 @@ class _Run:
         )
         started = time.perf_counter()
         pool = WorkerPool(
-            request.to_json(), config_store, _s3_endpoint(registry), count, options.cpus_per_worker
-        )
+            request.to_json(), self.key, config_store, _s3_endpoint(registry), count,
+            options.cpus_per_worker, self.say,
+        )  # fmt: skip
         try:
             self.pool = pool
             phase1 = self._phase(1, None)
-            provisional = self._provisional(phase1)
-            phase2 = self._phase(2, provisional)
-            self.say("building the plan")
-            plan_bytes = pool.call_one("build", phase1, phase2, tick=self.beat.check)
+            if request.budget:  # budget-targeted: phase 1 statistics, then a measured search
+                self.say(f"building the plan for the budget {request.budget}")
+                build = ("build_budget", phase1)
+            else:
+                provisional = self._timed("barrier_s", self._provisional, phase1)
+                build = ("build", phase1, self._phase(2, provisional))
+                self.say("building the plan")
+            plan_bytes = self._timed("build_s", pool.call_one, *build, tick=self.beat.check)
             validation = self._validate(plan_bytes)
             workers = pool.workers()
+            self.restarts = pool.restarts
         finally:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)
         return self._publish(plan_bytes, validation, workers, attempts)
+
+    def _timed(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        value = function(*args, **kwargs)
+        self.phases[name] = round(time.perf_counter() - started, 3)
+        return value
 
     def _phase(self, phase: int, provisional) -> list[bytes]:
         """Compute the missing shards of ``phase``; return every shard's bytes in index order."""
@@ -298,6 +322,8 @@ class _Run:
             finished = counts["computed"] + counts["reused"]
             self.beat.progress[f"phase-{phase}"] = {**counts, "done": finished}
             self.say(f"phase {phase}: {finished}/{total} trajectories")
+            if self.options.on_shard is not None:
+                self.options.on_shard(phase, result)
 
         def run(actor, index):
             return actor.run_shard.remote(phase, index, provisional)
@@ -374,6 +400,7 @@ class _Run:
             phases=self.phases,
             workers=workers,
             attempts=attempts,
+            worker_restarts=self.restarts,
         )
         store_report(registry.store, self.key, plan_bytes, validation, result.to_json())
         stored = {

@@ -11,6 +11,7 @@ Only :func:`load_pipeline` imports torch/diffusers (it runs inside a worker).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,11 @@ def _hf_snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at huggingface_hub's import
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        )
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
         raise NotFound(
             f"no snapshot of {repo_id} at revision {revision or 'main'} in the local Hugging "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from .actors import remote_worker
 from .errors import JobFailed
 
 MAX_SHARD_FAILURES = 5
+MAX_PROBES = 30  # readiness probes of a dead actor while Ray may be restarting it
+PROBE_DELAY_S = 1.0
 NO_WORKER_TIMEOUT_S = 600.0
 
 
@@ -64,19 +67,23 @@ def ray_session(address: str | None, num_cpus: int | None):
     """
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
     try:
         if address:
-            _check_reachable(address)
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **options)
-    except Unreachable:
-        raise
+            ray.init(
+                address="local",  # never join a cluster a stale ray_current_cluster names
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                **options,
+            )
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds: all mean "no cluster"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Unreachable(f"cannot start or reach Ray at {address or 'local'}: {detail}") from None
@@ -89,34 +96,65 @@ def ray_session(address: str | None, num_cpus: int | None):
 class WorkerPool:
     """``count`` calibration actors for one request."""
 
-    def __init__(self, request: dict[str, Any], store_url: str, s3_endpoint_url: str | None,
-                 count: int, cpus_per_worker: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        request: dict[str, Any],
+        job_key: str,
+        store_url: str,
+        s3_endpoint_url: str | None,
+        count: int,
+        cpus_per_worker: float = 1.0,
+        say: Callable[[str], None] = lambda message: None,
+    ) -> None:
         import ray
 
         actor_class = remote_worker(cluster_has_gpus(), cpus_per_worker)
         self.actors = [
-            actor_class.remote(request, store_url, s3_endpoint_url) for _ in range(count)
+            actor_class.remote(request, job_key, store_url, s3_endpoint_url) for _ in range(count)
         ]
         self.probes = {actor.ready.remote(): actor for actor in self.actors}
         self.idle: list[Any] = []
         self.info: dict[int, dict[str, Any]] = {}
+        self.say = say
         self.restarts = 0
+        self.probe_failures: dict[int, int] = {}
+        self.reprobe_at: dict[int, float] = {}
         self._ray = ray
 
     def _probe(self, actor) -> None:
         self.probes[actor.ready.remote()] = actor
 
     def _joined(self, ref, actor) -> None:
+        """A probe answered: the actor joins the idle workers, or is probed again later."""
         from ray.exceptions import RayActorError
 
         try:
             info = self._ray.get(ref)
-        except RayActorError:
-            return  # died for good: never rejoins
+        except RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise JobFailed(f"a worker failed to start: {_one_line(exc)}") from None
+            index = self.actors.index(actor)
+            self.probe_failures[index] = self.probe_failures.get(index, 0) + 1
+            if self.probe_failures[index] <= MAX_PROBES:  # maybe restarting: ask again soon
+                self.reprobe_at[index] = time.monotonic() + PROBE_DELAY_S
+            return
         except Exception as exc:  # noqa: BLE001 - e.g. the pipeline failed to load
             raise JobFailed(f"a worker failed to start: {_one_line(exc)}") from None
-        self.info[self.actors.index(actor)] = info
+        index = self.actors.index(actor)
+        self.info[index] = info
         self.idle.append(actor)
+        self.say(
+            f"worker {index + 1} ready ({len(self.info)}/{len(self.actors)}) on {info['host']} "
+            f"node {info['node'][:8]} "
+            f"(pid {info['pid']}, {info['device']}, loaded in {info['load_s']} s)"
+        )
+
+    def _reprobe_due(self) -> None:
+        now = time.monotonic()
+        for index, due in list(self.reprobe_at.items()):
+            if due <= now:
+                del self.reprobe_at[index]
+                self._probe(self.actors[index])
 
     def map(self, items: Iterable[int], submit: Callable[[Any, int], Any],
             on_done: Callable[[dict[str, Any]], None], tick: Callable[[], None],
@@ -133,10 +171,15 @@ class WorkerPool:
             while self.idle and queue:
                 actor, item = self.idle.pop(0), queue.popleft()
                 inflight[submit(actor, item)] = (actor, item)
+            self._reprobe_due()
             refs = [*inflight, *self.probes]
-            if not refs:
+            if not refs and not self.reprobe_at:
                 raise JobFailed("every worker died and none could be restarted")
-            done, _ = self._ray.wait(refs, num_returns=1, timeout=tick_s)
+            done, _ = (
+                self._ray.wait(refs, num_returns=1, timeout=tick_s)
+                if refs
+                else ([], time.sleep(0.2))
+            )
             tick()
             waited = 0.0 if done or inflight else waited + tick_s
             if waited > NO_WORKER_TIMEOUT_S:

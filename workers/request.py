@@ -59,6 +59,7 @@ class CalibrationRequest:
     prompts_sha256: str | None
     versions: dict[str, str]
     validation: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y}
 
     @property
     def job_key(self) -> str:
@@ -150,6 +151,7 @@ def build_request(
     prompts_file: Path | None = None,
     validate: int = 8,
     repeats: int = 3,
+    budget: dict[str, float] | None = None,
 ) -> CalibrationRequest:
     """The canonical request for calibrating ``model`` (a registry alias).
 
@@ -176,6 +178,7 @@ def build_request(
         resolved = CalibrationParams.resolve(model.arch, preset, **(params or {}))
     except (ValueError, TypeError) as exc:
         raise InvalidInput(str(exc)) from None
+    budget = check_budget(budget, preset, params or {})
     text = not is_class_conditional(model)
     prompts_sha256 = None
     if text:
@@ -212,7 +215,34 @@ def build_request(
         prompts_sha256=prompts_sha256,
         versions=library_versions(),
         validation={"calls": held_out, "repeats": repeats},
+        budget=budget,
     )
+
+
+def check_budget(
+    budget: dict[str, float] | None, preset: str | None, params: dict[str, Any]
+) -> dict[str, float] | None:
+    """Validate budget targets with the engine's own rules (``invardiff.budget``).
+
+    A budget replaces the reference rules: only ``flag_index`` of the rule parameters applies.
+    """
+    budget = {k: float(v) for k, v in (budget or {}).items() if v is not None}
+    if not budget:
+        return None
+    try:
+        from invardiff.budget import check_targets
+    except ImportError:
+        raise InvalidInput(
+            "budget targets need an invardiff with budget-targeted calibration (invardiff.budget)"
+        ) from None
+    try:
+        check_targets(budget.get("target_speedup"), budget.get("min_psnr"))
+    except ValueError as exc:
+        raise InvalidInput(str(exc).replace("min_psnr", "target_psnr")) from None
+    rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
+    if rules:
+        raise InvalidInput(f"{', '.join(rules)} apply to the reference rules, not to a budget")
+    return budget
 
 
 def _default_guidance(model: ModelInfo) -> float | None:
