@@ -160,6 +160,8 @@ class InProcess:
             result = submit(registry, CalibrationRequest.from_json(job.request), options)
         except JobBusy:
             return {"action": "running_elsewhere"}
+        except RegistryError as exc:  # this job failed (its row says so); go on with the next
+            return {"action": "failed", "error": str(exc), "exit_code": exc.exit_code}
         return {
             "action": "calibrated",
             "version": result.version,

@@ -63,6 +63,10 @@ def recalibrate(
     if job_ref is not None:
         result = run_job(registry, job_ref, InProcess(ray_address=ray_address, **settings))
         _emit(as_json, result, f"job {result['job_key'][:12]}: {result['action']}")
+        if result["action"] == "failed":
+            from .errors import JobFailed
+
+            raise JobFailed(result["error"])
         return
     dispatcher = None if dry_run else dispatcher_for(ray_address, **settings)
     result = recalibrate_due(registry, current_policy(max_age), dispatcher, say=_log)
@@ -72,10 +76,10 @@ def recalibrate(
         for e in result["due"]
     ]
     _emit(as_json, result, "\n".join(lines) or "nothing is due")
-    failed = [e for e in result["due"] if e["action"] == "error"]
+    failed = [e for e in result["due"] if e["action"] in ("error", "failed")]
     if failed:
         from registry.errors import RegistryError
 
         raise RegistryError(
-            f"{len(failed)} due plan(s) could not be submitted (their 'error' is in the report)"
+            f"{len(failed)} due plan(s) could not be submitted or failed (see 'error' in the report)"
         )

@@ -263,7 +263,7 @@ def test_cli_marks_and_dry_runs_without_writing(config, tmp_path: Path, monkeypa
     flux = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
     registry.add_model("flux-dev", flux.target.source, "4567def", "flux", {}, update=True)
     failed = runner.invoke(main, ["recalibrate", "--due", "--dry-run", "--json"])
-    assert failed.exit_code == 1 and "1 due plan(s) could not be submitted" in failed.stderr
+    assert failed.exit_code == 1 and "1 due plan(s) could not be submitted or failed" in failed.stderr
     actions = {e["model"]: e for e in json.loads(failed.stdout)["due"]}
     assert actions["digits-dit"]["action"] == "succeeded"
     assert (
