@@ -160,6 +160,8 @@ class InProcess:
             result = submit(registry, CalibrationRequest.from_json(job.request), options)
         except JobBusy:
             return {"action": "running_elsewhere"}
+        except Unreachable:
+            raise  # no cluster: every job would fail alike; rows stay pending for the next run
         except RegistryError as exc:  # this job failed (its row says so); go on with the next
             return {"action": "failed", "error": str(exc), "exit_code": exc.exit_code}
         return {

@@ -234,6 +234,13 @@ def test_cli_marks_and_dry_runs_without_writing(config, tmp_path: Path, monkeypa
     )
     assert down.exit_code == UNREACHABLE and "cannot reach the Ray job server" in down.stderr
     assert jobs.list_jobs(registry) == []  # nothing inserted when the job server is down
+    here = runner.invoke(
+        main, ["recalibrate", "--due", "--ray-address", f"ray://127.0.0.1:{closed}"]
+    )
+    assert here.exit_code == UNREACHABLE and "cannot reach the Ray cluster" in here.stderr
+    assert [(j.job_key, j.status) for j in jobs.list_jobs(registry)] == [
+        (entry["job_key"], "pending")
+    ]
     usage = runner.invoke(main, ["recalibrate", "--due", "--job", "abcdef"])
     assert usage.exit_code == USAGE and "exactly one of --due and --job" in usage.stderr
     missing = runner.invoke(main, ["mark-stale", "0123456789"])
@@ -263,7 +270,9 @@ def test_cli_marks_and_dry_runs_without_writing(config, tmp_path: Path, monkeypa
     flux = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
     registry.add_model("flux-dev", flux.target.source, "4567def", "flux", {}, update=True)
     failed = runner.invoke(main, ["recalibrate", "--due", "--dry-run", "--json"])
-    assert failed.exit_code == 1 and "1 due plan(s) could not be submitted or failed" in failed.stderr
+    assert (
+        failed.exit_code == 1 and "1 due plan(s) could not be submitted or failed" in failed.stderr
+    )
     actions = {e["model"]: e for e in json.loads(failed.stdout)["due"]}
     assert actions["digits-dit"]["action"] == "succeeded"
     assert (
