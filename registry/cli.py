@@ -63,7 +63,12 @@ FINITE = _FiniteFloat()
 
 
 # Commands defined outside the registry (the fleet), imported only when named or listed.
-LAZY_COMMANDS = {"calibrate": "workers.cli:calibrate", "jobs": "workers.cli:jobs"}
+LAZY_COMMANDS = {
+    "calibrate": "workers.cli:calibrate",
+    "jobs": "workers.cli:jobs",
+    "mark-stale": "registry.stale_cli:mark_stale",
+    "recalibrate": "workers.schedule_cli:recalibrate",
+}
 
 
 class _Main(click.Group):

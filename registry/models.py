@@ -160,6 +160,10 @@ class PlanVersion(Base):
     lineage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     calibration_job_id: Mapped[int | None] = mapped_column(ForeignKey("calibration_jobs.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # An operator's mark (``mark-stale``; migration 0004_stale): recalibrate this target.
+    stale_marked_at: Mapped[datetime | None]
+    stale_marked_by: Mapped[str | None] = mapped_column(String(128))
+    stale_reason: Mapped[str | None] = mapped_column(Text)
 
     target: Mapped[PlanTarget] = relationship(back_populates="versions")
 
