@@ -205,7 +205,7 @@ def final_flags(
     gate = mask_steps(cap_runs(gate, params.max_consecutive), warmup)[:, 0]
     modules = {kind: mask_steps(threshold(phase2[kind], q, params.flag_index), warmup) for kind, q in params.q.items()}
     modules = recompute_after_skip(gate, modules)
-    modules = {kind: cap_runs(flags, params.max_consecutive) for kind, flags in modules.items()}
+    modules = {kind: cap_runs(flags, params.max_consecutive, skipped=gate) for kind, flags in modules.items()}
     return gate, modules
 
 

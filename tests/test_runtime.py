@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from plain_executor import PlainExecutor
 from support import count_module_calls, official_plan_files
 
 import invardiff
@@ -73,17 +74,21 @@ def flux_dev_shaped(tiny):
 def test_official_dit_plan_makes_exactly_the_planned_calls(dit_xl_shaped, path):
     plan = invardiff.load_plan(path)
     with cached(dit_xl_shaped, plan, allow_mismatch=REUSE), count_module_calls(dit_xl_shaped.transformer, "dit") as counts:
-        dit_images(dit_xl_shaped)  # CFG batched: one call per step serves both halves
+        images = dit_images(dit_xl_shaped)  # CFG batched: one call per step serves both halves
     assert dict(counts) == expected_computations(plan)
+    with PlainExecutor(dit_xl_shaped.transformer, plan):  # the values reused are the right ones
+        assert np.array_equal(images, dit_images(dit_xl_shaped))
 
 
 @pytest.mark.parametrize("path", official_plan_files("flux"), ids=lambda p: p.name[:48])
 def test_official_flux_plan_makes_exactly_the_planned_calls(flux_dev_shaped, path):
     plan = invardiff.load_plan(path)
     with cached(flux_dev_shaped, plan, allow_mismatch=REUSE), count_module_calls(flux_dev_shaped.transformer, "flux") as counts:
-        flux_images(flux_dev_shaped)
+        images = flux_images(flux_dev_shaped)
     expected = expected_computations(plan)
     assert dict(counts) == expected
+    with PlainExecutor(flux_dev_shaped.transformer, plan):  # the values reused are the right ones
+        assert np.array_equal(images, flux_images(flux_dev_shaped))
     assert sum(expected.values()) < 0.5 * 28 * (4 * 19 + 2 * 38)  # the plans really skip work
 
 
