@@ -35,7 +35,7 @@ class PlainExecutor:
         self.caches: list[dict] = [{} for _ in range(calls_per_step)]
         self.reused: list[tuple[int, str, int]] = []  # (step, kind, layer) of every reuse
 
-    def __enter__(self) -> PlainExecutor:
+    def __enter__(self) -> PlainExecutor:  # noqa: PYI034
         self.transformer.forward = self.forward
         return self
 

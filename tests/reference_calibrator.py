@@ -89,8 +89,7 @@ def calibrate(trajectories, arch: str, nonskip: float, q_step: float, q: dict[st
     aligned = flag_index == "aligned"
     steps = len(trajectories[0]["hidden"][0])
     n = int(nonskip * steps)
-    if n < 1:
-        n = 1
+    n = max(n, 1)
     kinds = list(q)
 
     def averaged(fn, key, drive=None):

@@ -50,10 +50,9 @@ def flux_pipe(tiny):
 
 
 def flux_call(pipe, seed=0, **kwargs):
-    args = dict(prompt="a b", height=16, width=16, num_inference_steps=STEPS, guidance_scale=3.5,
-                max_sequence_length=8, generator=torch.Generator().manual_seed(seed), output_type="np")  # fmt: skip
-    args.update(kwargs)
-    return pipe(**args).images
+    args = {"prompt": "a b", "height": 16, "width": 16, "num_inference_steps": STEPS, "guidance_scale": 3.5,
+            "max_sequence_length": 8, "generator": torch.Generator().manual_seed(seed), "output_type": "np"}
+    return pipe(**{**args, **kwargs}).images
 
 
 def one_half_mostly(plan: CachePlan, half: str, seed: int) -> CachePlan:
@@ -77,7 +76,7 @@ def test_flux_plans_with_differing_attention_halves_match_the_plain_executor(flu
 
 def test_flux_true_cfg_two_calls_per_step_match_the_plain_executor(flux_pipe):
     plan = random_plan("flux", flux_layers(2, 3), seed=3)
-    call = dict(negative_prompt="z", true_cfg_scale=2.0)
+    call = {"negative_prompt": "z", "true_cfg_scale": 2.0}
     with cached(flux_pipe, plan) as cache:
         images = flux_call(flux_pipe, **call)
         assert len(cache._branches) == 2
