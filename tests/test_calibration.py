@@ -62,6 +62,7 @@ def assert_matches_reference(pipe, arch, calls, preset):
     assert np.array_equal(plan.step_gate, step.numpy())
     for kind, flags in books.items():
         assert np.array_equal(plan.modules[kind], flags.numpy()), kind
+    print(f"tiny {arch} {preset}: {free_module_flags(plan, params.nonskip)} (free module flags, set)")
     return plan
 
 
