@@ -177,8 +177,10 @@ def test_revoke_repairs_a_model_made_ambiguous_by_a_legacy_duplicate(cli, config
 def test_migration_0002_makes_legacy_target_hashes_canonical(database_url, tmp_path):
     from registry.store import open_store
 
+    from alembic import command
+
     engine = db.create(database_url, must_exist=False)
-    db.upgrade(engine, "0002_faults")  # the revision before 0002_validation
+    db.upgrade(engine)
     registry = Registry(engine, open_store(str(tmp_path / "store")))
     registry.add_model("flux-dev", FLUX_SOURCE, "0123abc", "flux", {})
     first = registry.publish(FLUX_PLANS[0], "flux-dev", R1024)
@@ -187,6 +189,8 @@ def test_migration_0002_makes_legacy_target_hashes_canonical(database_url, tmp_p
             text("UPDATE plan_targets SET key_hash = :legacy"),
             {"legacy": legacy_key_hash(first.target)},
         )
+        # back to the revision before 0002_validation (its own downgrade changes nothing)
+        command.downgrade(db.alembic_config(connection), "0002_faults")
     assert db.upgrade(engine) == db.SCHEMA_REVISION
     second = registry.publish(FLUX_PLANS[1], "flux-dev", R1024)
     assert second.version.version == 2  # joined the legacy target instead of making a twin
