@@ -109,6 +109,11 @@ def from_official(document: dict, name: str = "", **target_overrides: Any) -> Ca
 
 def to_official(plan: CachePlan) -> dict:
     """The reference cache-book document for ``plan`` (key order as the reference writes it)."""
+    if plan.step_reuse != "hold":
+        raise PlanError(
+            f"the reference format cannot express step_reuse={plan.step_reuse!r} (it always holds H); "
+            "export a plan with step_reuse='hold'"
+        )
     gate = [bool(v) for v in plan.step_gate]
 
     def book(kind: str) -> list[list[bool]]:

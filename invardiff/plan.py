@@ -30,6 +30,10 @@ FORMAT_VERSION = 1
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
+# What a skipped step's H is: "hold" reuses the last computed H unchanged; "linear"
+# extrapolates it from the last two computed steps (first order in the step index).
+STEP_REUSE = ("hold", "linear")
+
 
 class PlanError(ValueError):
     """A plan file or object that is malformed, inconsistent, or does not fit a model."""
@@ -122,6 +126,9 @@ class CachePlan:
     ``True`` means reuse (do not compute). ``calibration`` records how the plan was made
     (parameters, trajectories' seeds and conditions, library versions); ``extras`` carries
     data kept only for faithful export (e.g. the reference ``ip_attn`` book).
+    ``step_reuse`` says what a reused step's H is (:data:`STEP_REUSE`): ``"hold"`` (the
+    reference rule, the default and absent from the canonical JSON) or ``"linear"``
+    (extrapolated from the last two computed steps; see docs/step-reuse.md).
     """
 
     arch: str
@@ -131,6 +138,7 @@ class CachePlan:
     geometry: Geometry | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    step_reuse: str = "hold"
 
     def __post_init__(self) -> None:
         gate = np.asarray(self.step_gate, dtype=bool)
@@ -183,7 +191,7 @@ class CachePlan:
     # ---- canonical bytes ---------------------------------------------------------------
     def to_json(self) -> dict:
         """The plan as a JSON-compatible dict (the canonical document)."""
-        return {
+        document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "arch": self.arch,
@@ -196,6 +204,9 @@ class CachePlan:
             "extras": self.extras,
             "summary": self.summary().to_json(),
         }
+        if self.step_reuse != "hold":  # absent for "hold": older plans keep their bytes and sha256
+            document["step_reuse"] = self.step_reuse
+        return document
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes: the same plan always gives the same bytes."""
@@ -254,6 +265,7 @@ class CachePlan:
                 geometry=None if geometry is None else Geometry.from_json(geometry),
                 calibration=document.get("calibration") or {},
                 extras=document.get("extras") or {},
+                step_reuse=document.get("step_reuse", "hold"),
             )
         except KeyError as exc:
             raise PlanError(f"missing field {exc.args[0]!r}") from None
@@ -281,7 +293,10 @@ class CachePlan:
             raise PlanError(f"{path}: {exc}") from None
 
     def export_official(self, path: str | Path) -> Path:
-        """Write this plan in the reference implementation's cache-book layout."""
+        """Write this plan in the reference implementation's cache-book layout.
+
+        Refuses (PlanError) a ``step_reuse="linear"`` plan: the reference format cannot say it.
+        """
         from .official import to_official
 
         path = Path(path)
@@ -291,6 +306,10 @@ class CachePlan:
     def with_flags(self, step_gate: np.ndarray, modules: dict[str, np.ndarray]) -> CachePlan:
         """A copy with other flags (same target and provenance)."""
         return replace(self, step_gate=step_gate, modules=modules)
+
+    def with_step_reuse(self, step_reuse: str) -> CachePlan:
+        """A copy whose reused steps use another rule (:data:`STEP_REUSE`)."""
+        return replace(self, step_reuse=step_reuse)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CachePlan) and self.to_bytes() == other.to_bytes()
@@ -355,11 +374,29 @@ def hold_after(plan: CachePlan) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return hold, hold_hidden
 
 
+def hidden_held(plan: CachePlan) -> tuple[np.ndarray, np.ndarray]:
+    """Under ``step_reuse="linear"``: which of H_last and H_prev are held after each step.
+
+    ``keep_last[i]``: some later step is reused (H_last serves it, or becomes its H_prev);
+    ``keep_prev[i]``: the next step is reused and two steps have been computed by then
+    (with one computed step a reused step falls back to hold). Under ``"hold"`` H_prev is
+    never held and H_last as :func:`hold_after` says.
+    """
+    _, hold_hidden = hold_after(plan)
+    if plan.step_reuse == "hold":
+        return hold_hidden, np.zeros_like(hold_hidden)
+    later_reuse = np.zeros_like(hold_hidden)
+    later_reuse[:-1] = np.logical_or.accumulate(plan.step_gate[::-1])[::-1][1:]
+    two_computed = np.cumsum(~plan.step_gate) >= 2
+    return later_reuse, hold_hidden & two_computed
+
+
 def peak_cached_elements(plan: CachePlan, elements: dict[str, int]) -> int:
     """Most cached elements (per sample) held at once under :func:`hold_after`."""
-    hold, hold_hidden = hold_after(plan)
+    hold, _ = hold_after(plan)
+    keep_last, keep_prev = hidden_held(plan)
     per_step = sum(flags.sum(axis=1) * elements[kind] for kind, flags in hold.items())
-    per_step = per_step + hold_hidden * elements["hidden"]
+    per_step = per_step + (keep_last.astype(int) + keep_prev) * elements["hidden"]
     return int(per_step.max())
 
 
@@ -385,6 +422,8 @@ def _parse_bits(value: Any, where: str) -> list[bool]:
 
 
 def _validate(plan: CachePlan) -> None:
+    if plan.step_reuse not in STEP_REUSE:
+        raise PlanError(f"step_reuse: unknown rule {plan.step_reuse!r} (known: {', '.join(STEP_REUSE)})")
     if plan.arch not in ARCHITECTURES:
         raise PlanError(f"arch: unknown architecture {plan.arch!r} (known: {', '.join(ARCHITECTURES)})")
     if plan.step_gate.ndim != 1 or plan.step_gate.shape[0] < 2:

@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .architectures import MODULE_KINDS, TIMESTEP_SCALE, detect_architecture, layer_lists
 from .checks import SetupGuard, calling_argument
-from .plan import CachePlan, PlanError, executed_modules, hold_after
+from .plan import CachePlan, PlanError, executed_modules, hidden_held, hold_after
 from .stepping import StepTracker, find_timestep, timestep_argument
 
 HOOK_NAME = "invardiff_cache"
@@ -42,7 +42,10 @@ class _Branch:
     """Caches of one transformer call per step (two under CFG-as-two-calls)."""
 
     modules: dict[tuple[str, int], Any] = field(default_factory=dict)
-    hidden: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # H of the last computed step (H_last)
+    hidden_step: int = -1
+    previous: torch.Tensor | None = None  # H of the computed step before it (step_reuse="linear")
+    previous_step: int = -1
 
 
 class PlanCache:
@@ -65,7 +68,9 @@ class PlanCache:
         self.guard.model(plan, transformer)
         self.guard.scheduler(plan, self.scheduler)
         self.run = executed_modules(plan)
-        self.hold, self.hold_hidden = hold_after(plan)
+        self.hold, _ = hold_after(plan)
+        self.keep_last, self.keep_previous = hidden_held(plan)
+        self.linear = plan.step_reuse == "linear"
         self.tracker = StepTracker(_initial_schedule(plan, timesteps))
         if self.tracker.schedule is None and self.scheduler is None:
             raise PlanError(
@@ -144,12 +149,24 @@ class PlanCache:
         return cache[(kind, layer)] if self._hold_now[kind][layer] else cache.pop((kind, layer))
 
     def store_hidden(self, hidden: torch.Tensor) -> None:
-        self.current.hidden = hidden if self.hold_hidden[self.step] else None
+        """Keep a computed step's H (and, under "linear", the one before) only if later used."""
+        branch, step = self.current, self.step
+        if self.linear:
+            keep = self.keep_previous[step] and branch.hidden is not None
+            branch.previous, branch.previous_step = (branch.hidden, branch.hidden_step) if keep else (None, -1)
+        branch.hidden, branch.hidden_step = (hidden, step) if self.keep_last[step] else (None, -1)
 
     def take_hidden(self) -> torch.Tensor:
-        hidden = self.current.hidden
-        if not self.hold_hidden[self.step]:
-            self.current.hidden = None
+        """H of the current (skipped) step: H_last held, or extrapolated under "linear"."""
+        branch, step = self.current, self.step
+        hidden = branch.hidden
+        if branch.previous is not None:
+            ratio = (step - branch.hidden_step) / (branch.hidden_step - branch.previous_step)
+            hidden = hidden + (hidden - branch.previous) * ratio
+            if not self.keep_previous[step]:
+                branch.previous, branch.previous_step = None, -1
+        if not self.keep_last[step]:
+            branch.hidden, branch.hidden_step = None, -1
         return hidden
 
     def set_schedule(self, timesteps: Any) -> None:

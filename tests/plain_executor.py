@@ -9,7 +9,9 @@ step, keeps every computed output (no liveness analysis, no hooks) and shares no
 Rules (ALGORITHM.md §7): on a step whose gate is set, H of the last computed step is reused
 and no block runs; otherwise a module output is reused when its flag is set and an output is
 cached; FLUX's joint attention is reused only when both ``attn`` and ``context_attn`` are
-flagged. Norms, adaLN and residual adds always run with the current conditioning.
+flagged. Norms, adaLN and residual adds always run with the current conditioning. Under
+``step_reuse="linear"`` a skipped step i gets H_a + (H_a - H_b) * (i - a) / (a - b) from the
+last two computed steps b < a (docs/step-reuse.md), or H_a while only one step is computed.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ class PlainExecutor:
     def skips(self, cache: dict, step: int) -> bool:
         return bool(self.plan.step_gate[step]) and "hidden" in cache
 
+    def computed_hidden(self, cache: dict, step: int, hidden) -> None:
+        """Remember H of a computed step (every one, oldest first)."""
+        cache.setdefault("hidden", []).append((step, hidden))
+
+    def skipped_hidden(self, cache: dict, step: int):
+        """H of a skipped step under the plan's ``step_reuse`` rule."""
+        computed = cache["hidden"]
+        last_step, last = computed[-1]
+        if self.plan.step_reuse == "hold" or len(computed) < 2:
+            return last
+        before_step, before = computed[-2]
+        return last + (last - before) * ((step - last_step) / (last_step - before_step))
+
 
 # ---- DiT (DiTTransformer2DModel, ada_norm_zero blocks) ------------------------------------
 def _dit_forward(ex, step, cache, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None,
@@ -74,11 +89,11 @@ def _dit_forward(ex, step, cache, hidden_states, timestep=None, class_labels=Non
     t = ex.transformer
     x = t.pos_embed(hidden_states)
     if ex.skips(cache, step):
-        x = cache["hidden"]
+        x = ex.skipped_hidden(cache, step)
     else:
         for layer, block in enumerate(t.transformer_blocks):
             x = _dit_block(ex, step, cache, layer, block, x, timestep, class_labels)
-        cache["hidden"] = x
+        ex.computed_hidden(cache, step, x)
     conditioning = t.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
     shift, scale = t.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
     x = t.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
@@ -125,13 +140,13 @@ def _flux_forward(ex, step, cache, hidden_states, encoder_hidden_states=None, po
     img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
     rope = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
     if ex.skips(cache, step):
-        x = cache["hidden"]
+        x = ex.skipped_hidden(cache, step)
     else:
         for layer, block in enumerate(t.transformer_blocks):
             ctx, x = _flux_double(ex, step, cache, layer, block, x, ctx, temb, rope)
         for layer, block in enumerate(t.single_transformer_blocks):
             ctx, x = _flux_single(ex, step, cache, layer, block, x, ctx, temb, rope)
-        cache["hidden"] = x
+        ex.computed_hidden(cache, step, x)
     out = t.proj_out(t.norm_out(x, temb))
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 

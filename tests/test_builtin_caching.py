@@ -35,3 +35,34 @@ def test_calibrated_plan_speeds_up_the_builtin_model_with_close_output(name, ste
 
 # measured: digits-dit 31.1 dB, digits-flux 34.5 dB (4 trajectories, fast preset, guidance 1.5)
 PSNR_FLOOR = {"digits-dit": 28.0, "digits-flux": 30.0}
+
+
+def test_linear_step_reuse_is_more_faithful_than_holding_on_every_third_step():
+    """digits-flux, every 3rd step computed: extrapolating the reused steps' H (step_reuse="linear")
+    instead of holding it. Measured on these 10 samples: hold 41.0 dB, linear 49.2 dB."""
+    from invardiff import all_compute_plan
+
+    pipe = load_builtin("digits-flux")
+    double, single = len(pipe.transformer.transformer_blocks), len(pipe.transformer.single_transformer_blocks)
+    layers = {"attn": double, "context_attn": double, "ff": double, "context_ff": double,
+              "single_attn": single, "single_mlp": single}  # fmt: skip
+    template = all_compute_plan("flux", 28, layers)
+    gate = np.ones(28, dtype=bool)
+    gate[::3] = gate[-1] = False
+    hold = template.with_flags(gate, template.modules)
+
+    def generate_10(plan=None):
+        def call():
+            return pipe(class_labels=list(range(10)), num_inference_steps=28, guidance_scale=1.5,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+        if plan is None:
+            return call()
+        with cached(pipe, plan):
+            return call()
+
+    full = generate_10()
+    held, linear = generate_10(hold), generate_10(hold.with_step_reuse("linear"))
+    assert metrics.psnr(linear, full) > metrics.psnr(held, full) + 5.0
+    assert metrics.ssim(linear, full) > metrics.ssim(held, full)
+    assert np.array_equal(metrics.classify(linear), metrics.classify(full))

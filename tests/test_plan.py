@@ -10,7 +10,7 @@ from support import official_plan_files
 
 import invardiff
 from invardiff import CachePlan, PlanError, PlanTarget, all_compute_plan, load_plan
-from invardiff.plan import hold_after
+from invardiff.plan import hidden_held, hold_after, peak_cached_elements
 
 
 def small_plan() -> CachePlan:
@@ -192,3 +192,48 @@ def test_presets_are_the_reference_settings(arch, preset):
     assert params.q.get("context_attn", params.q["attn"]) == params.q["attn"]  # one joint attention, one quantile
     if arch == "flux":  # context_attn follows attn (and nothing else), also when attn is overridden
         assert CalibrationParams.resolve(arch, preset, q_attn=0.31).q == {**params.q, "attn": 0.31, "context_attn": 0.31}
+
+
+# ---- step_reuse: what a reused step's H is ------------------------------------------------
+# the sha256 of this reference plan as imported before step_reuse existed (main at aad92d3)
+DIT_FAST_SHA256 = "92636984a0de8e2f5680aeabff1e19d28794ed97d175fd4b4931b1b9d0737e82"
+
+
+def test_step_reuse_linear_is_its_own_plan_and_hold_keeps_the_old_bytes(tmp_path):
+    plan = load_plan(official_plan_files("dit")[1])
+    assert plan.step_reuse == "hold" and plan.sha256 == DIT_FAST_SHA256
+    assert b"step_reuse" not in plan.to_bytes()
+    linear = plan.with_step_reuse("linear")
+    assert linear.sha256 != plan.sha256 and json.loads(linear.to_bytes())["step_reuse"] == "linear"
+    again = CachePlan.from_bytes(linear.to_bytes())
+    assert again.step_reuse == "linear" and again.sha256 == linear.sha256
+    assert linear.with_flags(linear.step_gate, linear.modules).step_reuse == "linear"
+    assert linear.with_step_reuse("hold").sha256 == DIT_FAST_SHA256
+    spelled_out = {**json.loads(plan.to_bytes()), "step_reuse": "hold"}  # "hold" written out is the same plan
+    assert CachePlan.from_json(spelled_out).sha256 == DIT_FAST_SHA256
+
+
+def test_unknown_step_reuse_is_rejected_and_linear_plans_do_not_export(tmp_path):
+    document = {**json.loads(small_plan().to_bytes()), "step_reuse": "quadratic"}
+    with pytest.raises(PlanError, match="step_reuse: unknown rule 'quadratic'"):
+        CachePlan.from_json(document)
+    with pytest.raises(PlanError, match="step_reuse"):
+        small_plan().with_step_reuse("cubic")
+    with pytest.raises(PlanError, match="reference format cannot express step_reuse='linear'"):
+        small_plan().with_step_reuse("linear").export_official(tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_linear_step_reuse_holds_one_more_hidden_state_where_it_needs_it():
+    plan = small_plan()  # computed 0, 1, 3, 6, 7; reused 2, 4, 5
+    keep_last, keep_prev = hidden_held(plan.with_step_reuse("linear"))
+    assert keep_last.tolist() == [True, True, True, True, True, False, False, False]
+    assert keep_prev.tolist() == [False, True, False, True, True, False, False, False]
+    hold_last, hold_prev = hidden_held(plan)
+    assert hold_last.tolist() == hold_after(plan)[1].tolist() and not hold_prev.any()
+    elements = {"attn": 0, "mlp": 0, "hidden": 1}  # count hidden states only
+    assert peak_cached_elements(plan, elements) == 1
+    assert peak_cached_elements(plan.with_step_reuse("linear"), elements) == 2
+    full = load_plan(official_plan_files("dit")[1])
+    hidden_bytes = 256 * 1152 * 4  # DiT-XL/2 at 256 px: one H in float32
+    assert full.with_step_reuse("linear").summary().peak_cache_bytes == full.summary().peak_cache_bytes + hidden_bytes

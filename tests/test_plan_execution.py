@@ -201,3 +201,62 @@ def test_pipeline_generation_after_an_exception_mid_generation_starts_clean(tiny
                                                                           int(plan.step_gate.sum()))
     with PlainExecutor(pipe.transformer, plan):
         assert np.array_equal(images, generate(seed=0))
+
+
+# ---- step_reuse="linear": H of a skipped step extrapolated from the last two computed ----
+# computed 0, 1, 3, 6, 9; reused 2 (extrapolated from 0 and 1), 4-5 (from 1 and 3), 7-8
+LINEAR_GATE = np.array([0, 0, 1, 0, 1, 1, 0, 1, 1, 0], bool)
+
+
+def linear_plan(arch: str, layers: dict[str, int], seed: int) -> CachePlan:
+    plan = random_plan(arch, layers, seed, p=0.3)
+    return plan.with_flags(LINEAR_GATE, plan.modules).with_step_reuse("linear")
+
+
+def test_flux_linear_step_reuse_matches_the_plain_executor_per_cfg_branch(flux_pipe):
+    plan = linear_plan("flux", flux_layers(2, 3), seed=8)
+    call = {"negative_prompt": "z", "true_cfg_scale": 2.0}
+    with cached(flux_pipe, plan) as cache:
+        images = flux_call(flux_pipe, **call)
+        assert cache.stats.steps_skipped == 2 * int(LINEAR_GATE.sum())
+    with PlainExecutor(flux_pipe.transformer, plan, calls_per_step=2):
+        assert np.array_equal(images, flux_call(flux_pipe, **call))
+    with cached(flux_pipe, plan.with_step_reuse("hold")):
+        assert not np.allclose(images, flux_call(flux_pipe, **call), atol=1e-4)  # the rule decides the output
+
+
+def test_dit_linear_step_reuse_matches_the_plain_executor(tiny):
+    pipe = tiny.tiny_dit_pipeline(num_layers=3)
+    plan = linear_plan("dit", {"attn": 3, "mlp": 3}, seed=9)
+
+    def generate():
+        return pipe(class_labels=[2, 5], num_inference_steps=STEPS, guidance_scale=1.5,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    with cached(pipe, plan):
+        images = generate()
+    with PlainExecutor(pipe.transformer, plan):
+        assert np.array_equal(images, generate())
+    with PlainExecutor(pipe.transformer, plan.with_step_reuse("hold")):
+        assert not np.allclose(images, generate(), atol=1e-4)
+
+
+def test_linear_step_reuse_holds_exactly_the_hidden_states_it_needs(tiny):
+    from invardiff.plan import hidden_held
+
+    pipe = tiny.tiny_dit_pipeline(num_layers=2)
+    plan = linear_plan("dit", {"attn": 2, "mlp": 2}, seed=10)
+    held = []
+    with cached(pipe, plan) as cache:
+        original = cache._begin_call
+
+        def spy(args, kwargs):
+            if cache._branches:
+                held.append((cache.current.hidden is not None, cache.current.previous is not None))
+            original(args, kwargs)
+
+        cache._begin_call = spy
+        pipe(class_labels=[1], num_inference_steps=STEPS, guidance_scale=1.5, output_type="np")
+    keep_last, keep_prev = hidden_held(plan)
+    assert held == list(zip(keep_last[:-1].tolist(), keep_prev[:-1].tolist()))
+    assert any(prev for _, prev in held)
