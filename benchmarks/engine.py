@@ -6,6 +6,10 @@ under a reference plan (measured speed-up vs the plan's FLOP-ideal; target >= 0.
 
     python benchmarks/engine.py --arch dit --width 256 --batch 4           # CPU
     python benchmarks/engine.py --arch flux --width 1024 --device cuda --dtype bfloat16
+    python benchmarks/engine.py --arch dit --step-reuse linear   # the plan with extrapolated steps
+
+``--step-reuse linear`` also times the plan under ``step_reuse="linear"`` (interleaved with the
+rest) and reports its cost over ``"hold"``.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--step-reuse", choices=["hold", "linear"], default="hold")
     args = parser.parse_args()
     device = torch.device(args.device)
     pipe, inputs, plan = build(args)
@@ -128,11 +133,13 @@ def main() -> None:
 
     untouched()  # warm-up
     under(plan)()
-    times = {"untouched": [], "all_compute": [], "plan": []}
+    runs = {"untouched": untouched, "all_compute": under(baseline_plan), "plan": under(plan)}
+    if args.step_reuse != "hold":
+        runs["plan_" + args.step_reuse] = under(plan.with_step_reuse(args.step_reuse))
+    times = {name: [] for name in runs}
     for _ in range(args.repeats):
-        times["untouched"].append(timed(untouched, device))
-        times["all_compute"].append(timed(under(baseline_plan), device))
-        times["plan"].append(timed(under(plan), device))
+        for name, run in runs.items():
+            times[name].append(timed(run, device))
     median = {k: statistics.median(v) for k, v in times.items()}
     summary = plan.summary(batch=args.batch)
     speedup = median["untouched"] / median["plan"]
@@ -155,6 +162,9 @@ def main() -> None:
         "speedup_over_ideal": round(speedup / summary.ideal_speedup, 3),
         "peak_cache_mib": round(summary.peak_cache_bytes / 2**20, 1),
     }
+    if args.step_reuse != "hold":
+        extra = median["plan_" + args.step_reuse] / median["plan"] - 1
+        result[f"{args.step_reuse}_over_hold_pct"] = round(100 * extra, 2)
     print(json.dumps(result, indent=2))
     sys.stdout.flush()
 

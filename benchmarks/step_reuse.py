@@ -2,9 +2,14 @@
 
 Protocol (docs/step-reuse.md): 30 samples (labels 0-9 x 3, one batch, seed 99, guidance 1.5;
 digits-flux Euler-28, digits-dit DDIM-50) compared with full compute: PSNR, SSIM, digit
-accuracy, and the plan's FLOP-based ideal speed-up. Noise-free: no wall-clock timing.
+accuracy (against the labels) and agreement (same digit as full compute, by the committed
+classifier), and the plan's FLOP-based ideal speed-up. Noise-free: no wall-clock timing.
 
-    python benchmarks/step_reuse.py [--models digits-flux digits-dit] [--ks 2 3 4] [--json out.json]
+    python benchmarks/step_reuse.py [--models digits-flux digits-dit] [--ks 2 3 4] [--presets fast slow]
+                                    [--json out.json]
+
+``--presets``: also the reference rules' plans (step gate and module reuse; 8 calibration
+calls: labels 0-7, seeds 100-107) under both rules, in the rows with ``k`` = the preset name.
 """
 
 from __future__ import annotations
@@ -60,38 +65,50 @@ def generate(pipe, model: str, plan: CachePlan | None = None) -> np.ndarray:
         return call()
 
 
-def measure(model: str, ks: list[int], say) -> list[dict]:
+def reference_plan(pipe, model: str, preset: str) -> CachePlan:
+    steps = int(BUILTIN_MODELS[model]["num_inference_steps"])
+    calls = [{"class_labels": [c], "num_inference_steps": steps, "guidance_scale": GUIDANCE, "seed": 100 + c}
+             for c in range(8)]  # fmt: skip
+    return invardiff.calibrate(pipe, calls, preset=preset, model_id=model)
+
+
+def measure(model: str, ks: list[int], presets: list[str], say) -> list[dict]:
     pipe = load_builtin(model)
     pipe.set_progress_bar_config(disable=True)
     full = generate(pipe, model)
+    full_digits = metrics.classify(full)
     template = template_for(pipe, model)
     rows = [{"model": model, "k": 1, "ideal": 1.0, "full": {"psnr": float("inf"), "ssim": 1.0,
                                                           "accuracy": metrics.accuracy(full, LABELS)}}]
     say(rows[0])
-    for k in ks:
-        row = {"model": model, "k": k, "ideal": every_k(template, k).summary().ideal_speedup}
+    plans = {k: every_k(template, k) for k in ks}
+    plans |= {f"{preset} preset": reference_plan(pipe, model, preset) for preset in presets}
+    for k, plan in plans.items():
+        row = {"model": model, "k": k, "ideal": plan.summary().ideal_speedup}
         for rule in ("hold", "linear"):
-            images = generate(pipe, model, every_k(template, k, rule))
+            images = generate(pipe, model, plan.with_step_reuse(rule))
             row[rule] = {"psnr": float(metrics.psnr(images, full)), "ssim": float(metrics.ssim(images, full)),
-                         "accuracy": metrics.accuracy(images, LABELS)}  # fmt: skip
+                         "accuracy": metrics.accuracy(images, LABELS),
+                         "agreement": float(np.mean(metrics.classify(images) == full_digits))}  # fmt: skip
         say(row)
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | k | ideal | hold PSNR / SSIM / acc | linear PSNR / SSIM / acc | gain |",
+    lines = ["| model | plan | ideal | hold: PSNR / SSIM / acc / agree | linear: PSNR / SSIM / acc / agree | gain |",
              "|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(r: dict) -> str:
-        return f"{r['psnr']:.1f} dB / {r['ssim']:.4f} / {r['accuracy']:.2f}"
+        return f"{r['psnr']:.1f} dB / {r['ssim']:.4f} / {r['accuracy']:.2f} / {r['agreement']:.2f}"
 
     for r in rows:
         if "full" in r:
             lines.append(f"| {r['model']} | full compute | 1.00x | accuracy {r['full']['accuracy']:.2f} | | |")
             continue
         gain = r["linear"]["psnr"] - r["hold"]["psnr"]
-        lines.append(f"| {r['model']} | {r['k']} | {r['ideal']:.2f}x | {cell(r['hold'])} | {cell(r['linear'])} | "
+        name = f"every {r['k']}" if isinstance(r["k"], int) else r["k"]
+        lines.append(f"| {r['model']} | {name} | {r['ideal']:.2f}x | {cell(r['hold'])} | {cell(r['linear'])} | "
                      f"{gain:+.1f} dB |")  # fmt: skip
     return "\n".join(lines)
 
@@ -100,10 +117,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(BUILTIN_MODELS))
     parser.add_argument("--ks", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--presets", nargs="*", default=[], choices=["fast", "slow"])
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    rows = [row for model in args.models for row in measure(model, args.ks, lambda r: print(r, flush=True))]
+    rows = [row for model in args.models for row in measure(model, args.ks, args.presets, lambda r: print(r, flush=True))]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
