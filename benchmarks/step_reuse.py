@@ -78,7 +78,7 @@ def measure(model: str, ks: list[int], presets: list[str], say) -> list[dict]:
     full = generate(pipe, model)
     full_digits = metrics.classify(full)
     template = template_for(pipe, model)
-    rows = [{"model": model, "k": 1, "ideal": 1.0, "full": {"psnr": float("inf"), "ssim": 1.0,
+    rows = [{"model": model, "k": 1, "ideal": 1.0, "full": {"psnr": None, "ssim": 1.0,
                                                           "accuracy": metrics.accuracy(full, LABELS)}}]
     say(rows[0])
     plans = {k: every_k(template, k) for k in ks}
