@@ -116,7 +116,9 @@ def every_k_gate(steps: int, k: int) -> np.ndarray:
 def every_k_plan(template: CachePlan, k: int) -> CachePlan:
     """FORA-style: compute every k-th step whole, reuse the steps between whole."""
     gate = every_k_gate(template.steps, k)
-    modules = {kind: np.repeat(gate[:, None], n, axis=1) for kind, n in template.layer_counts().items()}
+    modules = {
+        kind: np.repeat(gate[:, None], n, axis=1) for kind, n in template.layer_counts().items()
+    }
     return template.with_flags(gate, modules)
 
 
@@ -151,7 +153,10 @@ BATCH_INPUTS = {
 # attentions, and nothing on DiT).
 TAYLOR_MODULES = {
     "dit": [r"transformer_blocks\.\d+\.(attn1|ff)"],
-    "flux": [r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"],
+    "flux": [
+        r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
+        r"single_transformer_blocks\.\d+\.(attn|proj_mlp)",
+    ],
 }
 
 
@@ -220,12 +225,13 @@ def diffusers_cache(family: str, setting: str, apply: Callable[[torch.nn.Module,
         if faster_cache and setup.guidance <= 1:
             raise Unsupported("FasterCache needs classifier-free guidance (guidance > 1)")
         if faster_cache and setup.arch == "flux":
-            HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_ImageLayout(), "image_layout")
+            HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
+                _ImageLayout(), "image_layout"
+            )
         clock = Clock()
         apply(transformer, setup, clock)
         _wrap_call(transformer, setup.arch, clock, cfg_uncond_first=faster_cache)
         _reset_each_generation(pipe)
-        return None
 
     return Method(family, setting, install)
 
@@ -257,7 +263,9 @@ def pyramid_attention_broadcast(skip: int, timesteps: tuple[int, int] = (100, 80
                                                  current_timestep_callback=clock)  # fmt: skip
         apply_pyramid_attention_broadcast(transformer, config)
 
-    return diffusers_cache("PyramidAttentionBroadcast", f"attention every {skip}, t in {timesteps}", apply)
+    return diffusers_cache(
+        "PyramidAttentionBroadcast", f"attention every {skip}, t in {timesteps}", apply
+    )
 
 
 def faster_cache(attention_skip: int, uncond_skip: int) -> Method:
@@ -297,7 +305,9 @@ def mag_ratios(setup: ModelSetup) -> list[float]:
 
     pipe = load_builtin(setup.name)
     pipe.set_progress_bar_config(disable=True)
-    apply_mag_cache(pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=setup.steps))
+    apply_mag_cache(
+        pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=setup.steps)
+    )
     _wrap_call(pipe.transformer, setup.arch, Clock(), cfg_uncond_first=False)
     _reset_each_generation(pipe)
     printed = io.StringIO()
@@ -308,7 +318,9 @@ def mag_ratios(setup: ModelSetup) -> list[float]:
     runs = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[") and
             not line.startswith("[MagCache]")]  # fmt: skip
     if len(runs) != len(setup.calls) or any(len(r) != setup.steps for r in runs):
-        raise Unsupported(f"MagCache calibration printed {len(runs)} ratio lists for {len(setup.calls)} calls")
+        raise Unsupported(
+            f"MagCache calibration printed {len(runs)} ratio lists for {len(setup.calls)} calls"
+        )
     return np.mean(np.asarray(runs, dtype=np.float64), axis=0).tolist()
 
 
@@ -333,13 +345,21 @@ def cache_dit(setting: str, taylorseer_order: int = 0, **config: Any) -> Method:
         try:
             import cache_dit
         except ImportError:
-            raise Unsupported("cache-dit is not installed (pip install 'invardiff[bench]')") from None
+            raise Unsupported(
+                "cache-dit is not installed (pip install 'invardiff[bench]')"
+            ) from None
         # cache-dit wraps the pipeline class's __call__: give this pipeline a class of its own
         pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {})
         cache_config = cache_dit.DBCacheConfig(num_inference_steps=setup.steps, **config)
-        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        calibrator = (
+            cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order)
+            if taylorseer_order
+            else None
+        )
         target = pipe
-        if setup.arch == "flux":  # cache-dit's Flux layout; its adapter lookup keys on FluxPipeline's name
+        if (
+            setup.arch == "flux"
+        ):  # cache-dit's Flux layout; its adapter lookup keys on FluxPipeline's name
             transformer = pipe.transformer
             target = cache_dit.BlockAdapter(
                 pipe=pipe, transformer=transformer,
@@ -350,7 +370,6 @@ def cache_dit(setting: str, taylorseer_order: int = 0, **config: Any) -> Method:
         elif not cache_dit.BlockAdapterRegister.is_supported(pipe):
             raise Unsupported(f"cache-dit has no adapter for {type(pipe).__name__}")
         cache_dit.enable_cache(target, cache_config=cache_config, calibrator_config=calibrator)
-        return None
 
     name = "cache-dit DBCache" + ("+TaylorSeer" if taylorseer_order else "")
     return Method(name, setting, install)
