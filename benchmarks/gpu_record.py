@@ -106,7 +106,7 @@ def run_case(name: str, args) -> dict[str, Any]:
     seconds: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     peaks: dict[tuple[str, str], int] = {}
     for r in range(args.repeats):
-        for run in runs[r % len(runs):] + runs[: r % len(runs)]:
+        for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             seconds[run].append(timed(lambda run=run: generate(*run), device))
@@ -124,7 +124,9 @@ def run_case(name: str, args) -> dict[str, Any]:
             "speedup_over_ideal": round(speedup / plan.summary().ideal_speedup, 3),
         }
     eager = outputs[("eager", "untouched")]
-    result["eager"]["all_compute_bit_identical"] = bool(torch.equal(outputs[("eager", "all_compute")], eager))
+    result["eager"]["all_compute_bit_identical"] = bool(
+        torch.equal(outputs[("eager", "all_compute")], eager)
+    )
     if args.compile:
         own = _max_diff(outputs[("compiled", "untouched")], eager)
         hooked = _max_diff(outputs[("compiled", "all_compute")], eager)
@@ -156,7 +158,9 @@ def _eps(dtype: torch.dtype) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--tiny", action="store_true", help="tiny width on the CPU (checks the script)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny width on the CPU (checks the script)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--out", type=Path)
@@ -169,8 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         for case in CASES.values():
             case["batch"] = min(case["batch"], 2)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    result = {"device": device, "torch": torch.__version__, "cases": [run_case(c, args) for c in args.cases]}
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "cases": [run_case(c, args) for c in args.cases],
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
