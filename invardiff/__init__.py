@@ -22,6 +22,8 @@ _LAZY = {
     "cached": "runtime",
     "PlanCache": "runtime",
     "StepMatchError": "stepping",
+    "PlanMismatchError": "checks",
+    "PlanMismatchWarning": "checks",
 }
 
 __all__ = [

@@ -9,7 +9,6 @@ fleet can run trajectories elsewhere and merge their :class:`TrajectoryStats`:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .architectures import Geometry, detect_architecture, module_kinds
+from .checks import jsonable as _jsonable
+from .checks import model_dtype, scheduler_config_hash
 from .plan import CachePlan, PlanTarget, canonical_json
 from .recording import HIDDEN, TrajectoryRecorder
 from .scores import (
@@ -204,7 +205,7 @@ def final_flags(
     gate = mask_steps(cap_runs(gate, params.max_consecutive), warmup)[:, 0]
     modules = {kind: mask_steps(threshold(phase2[kind], q, params.flag_index), warmup) for kind, q in params.q.items()}
     modules = recompute_after_skip(gate, modules)
-    modules = {kind: cap_runs(flags, params.max_consecutive) for kind, flags in modules.items()}
+    modules = {kind: cap_runs(flags, params.max_consecutive, skipped=gate) for kind, flags in modules.items()}
     return gate, modules
 
 
@@ -339,9 +340,9 @@ def describe_target(
     scheduler = getattr(pipeline, "scheduler", None)
     config = getattr(pipeline, "config", None) or getattr(transformer, "config", {})
     name = model_id or getattr(config, "_name_or_path", None) or (config.get("_name_or_path") if isinstance(config, dict) else None)
-    height = _shared(calls, "height") or _builtin_resolution(pipeline)
-    width = _shared(calls, "width") or height
-    guidance = _shared(calls, "guidance_scale")
+    height = _setting(pipeline, calls, "height") or _builtin_resolution(pipeline)
+    width = _setting(pipeline, calls, "width") or height
+    guidance = _setting(pipeline, calls, "guidance_scale")
     return PlanTarget(
         model_id=name or type(transformer).__name__,
         revision=revision or getattr(pipeline, "revision", None),
@@ -353,14 +354,8 @@ def describe_target(
         height=height,
         width=width,
         guidance=None if guidance is None else float(guidance),
-        dtype=str(next(transformer.parameters()).dtype).replace("torch.", ""),
+        dtype=model_dtype(transformer),
     )
-
-
-def scheduler_config_hash(scheduler) -> str:
-    """sha256 of the scheduler's public config, canonical JSON."""
-    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    return hashlib.sha256(canonical_json(_jsonable(config))).hexdigest()
 
 
 def _builtin_resolution(pipeline) -> int | None:
@@ -369,7 +364,21 @@ def _builtin_resolution(pipeline) -> int | None:
     vae = getattr(pipeline, "vae", None)
     blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
     scale = 2 ** (len(blocks) - 1) if blocks else 1
+    default = getattr(pipeline, "default_sample_size", None)  # FluxPipeline: latent side / vae scale
+    if isinstance(default, int) and size is None:
+        size, scale = default, getattr(pipeline, "vae_scale_factor", 1)
     return getattr(pipeline, "resolution", None) or (int(size) * scale if isinstance(size, int) else None)
+
+
+def _setting(pipeline, calls: list[dict[str, Any]], key: str) -> Any:
+    """The calls' shared value of ``key``, else the pipeline's default for it (None if none)."""
+    value = _shared(calls, key)
+    if value is not None or getattr(pipeline, "scheduler", None) is None:
+        return value
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get(key)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
 
 
 def _shared(calls: list[dict[str, Any]], key: str) -> Any:
@@ -377,18 +386,6 @@ def _shared(calls: list[dict[str, Any]], key: str) -> Any:
     if len(values) > 1:
         raise ValueError(f"calibration calls disagree on {key!r}; a plan is valid for one value")
     return calls[0].get(key)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def _library_versions() -> dict[str, str]:

@@ -40,6 +40,8 @@ REFERENCE_TARGETS = {
     ),
 }
 
+PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2 in DiT-XL/2 and FLUX.1 alike
+
 _DIT_BOOKS = {"attn": "msa_cache_book", "mlp": "mlp_cache_book"}
 _FLUX_DOUBLE = {"attn": "attn", "context_attn": "context_attn", "ff": "ff", "context_ff": "context_ff"}
 _FLUX_SINGLE = {"single_attn": "attn", "single_mlp": "mlp"}
@@ -90,13 +92,16 @@ def from_official(document: dict, name: str = "", **target_overrides: Any) -> Ca
     except KeyError as exc:
         raise PlanError(f"reference cache book: missing {exc.args[0]!r}") from None
     target = replace(REFERENCE_TARGETS[arch], steps=int(gate.shape[0]), **target_overrides)
+    geometry = REFERENCE_GEOMETRY[arch]
+    if target.height and target.width:  # both reference models: 16 pixels per token side
+        geometry = replace(geometry, tokens=(target.height // PIXELS_PER_TOKEN) * (target.width // PIXELS_PER_TOKEN))
     calibration = {"source": "reference", "params": _params_from_name(name)} if name else {"source": "reference"}
     return CachePlan(
         arch=arch,
         step_gate=gate,
         modules=modules,
         target=target,
-        geometry=REFERENCE_GEOMETRY[arch],
+        geometry=geometry,
         calibration=calibration,
         extras=extras,
     )

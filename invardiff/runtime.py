@@ -2,14 +2,15 @@
 
 ``enable_cache(pipeline_or_transformer, plan)`` attaches one hook to the transformer (it
 finds the step from the called timestep), one per block (the step gate) and one per
-reusable module. Each generation starts from empty caches; ``disable_cache`` removes every
-hook and restores the model exactly.
+reusable module. Each generation starts from empty caches (also after a generation that
+failed); ``disable_cache`` removes every hook and restores the model exactly. The plan's
+target is checked against what the run shows (:mod:`invardiff.checks`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .architectures import MODULE_KINDS, TIMESTEP_SCALE, detect_architecture, layer_lists
+from .checks import SetupGuard, calling_argument
 from .plan import CachePlan, PlanError, executed_modules, hold_after
 from .stepping import StepTracker, find_timestep, timestep_argument
 
@@ -46,15 +48,26 @@ class _Branch:
 class PlanCache:
     """Executes a :class:`CachePlan` on a diffusers transformer (see :func:`enable_cache`)."""
 
-    def __init__(self, transformer: torch.nn.Module, plan: CachePlan, scheduler=None, timesteps=None) -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        plan: CachePlan,
+        pipeline=None,
+        timesteps=None,
+        allow_mismatch: Iterable[str] = (),
+    ) -> None:
         self.transformer = transformer
         self.plan = plan
-        self.scheduler = scheduler
+        self.pipeline = pipeline
+        self.scheduler = None if pipeline is None else getattr(pipeline, "scheduler", None)
         self.arch = check_plan_fits(plan, transformer)
+        self.guard = SetupGuard(allow_mismatch)
+        self.guard.model(plan, transformer)
+        self.guard.scheduler(plan, self.scheduler)
         self.run = executed_modules(plan)
         self.hold, self.hold_hidden = hold_after(plan)
         self.tracker = StepTracker(_initial_schedule(plan, timesteps))
-        if self.tracker.schedule is None and scheduler is None:
+        if self.tracker.schedule is None and self.scheduler is None:
             raise PlanError(
                 "the plan records no timestep schedule; enable it on the pipeline (its scheduler "
                 "gives the schedule) or pass timesteps=..."
@@ -74,12 +87,25 @@ class PlanCache:
         self._branches = []
         self.stats = CacheStats()
 
-    def _begin_call(self, timestep: Any) -> None:
+    def abandon(self) -> None:
+        """A call failed: drop the generation in progress, so the next call starts a new one."""
+        self.reset()
+        self.tracker.abandon()
+
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
+        if self.pipeline is not None and getattr(self.pipeline, "scheduler", None) is not self.scheduler:
+            raise PlanError(
+                "the pipeline's scheduler was replaced after enable_cache; disable the cache and enable it again"
+            )
         if self.tracker.last < 0 and self.tracker.progress == 0 and self.scheduler is not None:
             self.tracker.begin = getattr(self.scheduler, "begin_index", None) or 0  # img2img starts later
-        step = self.tracker.locate(timestep)
+        step = self.tracker.locate(find_timestep(self.timestep_position, args, kwargs))
         if step < self.step:
             self.reset()  # a new generation without a scheduler signal (plain loops)
+        if self.step < 0:  # the first call of a generation
+            if self.scheduler is None:
+                self.guard.model(self.plan, self.transformer)
+            self.guard.call(self.plan, self.transformer, args, kwargs)
         self.branch = self.branch + 1 if step == self.step else 0
         self.step = step
         while len(self._branches) <= self.branch:
@@ -133,6 +159,9 @@ class PlanCache:
 
     def set_schedule(self, timesteps: Any) -> None:
         """Called when the pipeline's scheduler sets its timesteps: a new generation starts."""
+        self.guard.model(self.plan, self.transformer)
+        self.guard.scheduler(self.plan, self.scheduler)
+        self.guard.guidance(self.plan, calling_argument(self.pipeline, "guidance_scale"))
         schedule = np.asarray(torch.as_tensor(timesteps).detach().cpu().double()) * TIMESTEP_SCALE[self.arch]
         if len(schedule) != self.plan.steps:
             raise PlanError(
@@ -152,8 +181,8 @@ class PlanCache:
 
     # ---- hooks -------------------------------------------------------------------------
     def _attach(self) -> None:
-        position = timestep_argument(self.transformer.forward)
-        self._register(self.transformer, _TransformerHook(self, position))
+        self.timestep_position = timestep_argument(self.transformer.forward)
+        self._register(self.transformer, _TransformerHook(self))
         blocks = [(name, i, b) for name in layer_lists(self.arch) for i, b in enumerate(getattr(self.transformer, name))]
         for n, (_, _, block) in enumerate(blocks):
             self._register(block, _BlockHook(self, self.arch, last=n == len(blocks) - 1))
@@ -209,14 +238,19 @@ class PlanCache:
 
 
 class _TransformerHook(ModelHook):
-    def __init__(self, cache: PlanCache, position: int) -> None:
+    """Finds the step of each call; a call that fails abandons its generation."""
+
+    def __init__(self, cache: PlanCache) -> None:
         super().__init__()
         self.cache = cache
-        self.position = position
 
-    def pre_forward(self, module, *args, **kwargs):
-        self.cache._begin_call(find_timestep(self.position, args, kwargs))
-        return args, kwargs
+    def new_forward(self, module, *args, **kwargs):
+        try:
+            self.cache._begin_call(args, kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.cache.abandon()
+            raise
 
 
 class _BlockHook(ModelHook):
@@ -303,23 +337,28 @@ def _initial_schedule(plan: CachePlan, timesteps) -> list[float] | None:
 
 
 def _split(target) -> tuple[torch.nn.Module, Any]:
+    """(transformer, pipeline or None)."""
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        return transformer, getattr(target, "scheduler", None)
+        return transformer, target
     if isinstance(target, torch.nn.Module):
         return target, None
     raise TypeError(f"expected a diffusers pipeline or transformer, got {type(target).__name__}")
 
 
-def enable_cache(target, plan: CachePlan, timesteps=None) -> PlanCache:
+def enable_cache(target, plan: CachePlan, timesteps=None, allow_mismatch: Iterable[str] = ()) -> PlanCache:
     """Attach ``plan`` to a pipeline (or a bare transformer) and return the live cache.
 
     With a pipeline, each ``scheduler.set_timesteps`` starts a new generation and checks the
-    step count. A bare transformer uses the plan's recorded schedule (or ``timesteps``) and
-    starts a new generation when the step index goes back.
+    step count and schedule. A bare transformer uses the plan's recorded schedule (or
+    ``timesteps``) and starts a new generation when the step index goes back or a call fails.
+    The plan's target is checked against the run (dtype, resolution, guidance, scheduler and
+    its config: :data:`invardiff.checks.CHECKED_FIELDS`); a mismatch raises
+    :class:`~invardiff.checks.PlanMismatchError` unless its field is in ``allow_mismatch``,
+    which lets it run with one :class:`~invardiff.checks.PlanMismatchWarning`.
     """
-    transformer, scheduler = _split(target)
-    cache = PlanCache(transformer, plan, scheduler=scheduler, timesteps=timesteps)
+    transformer, pipeline = _split(target)
+    cache = PlanCache(transformer, plan, pipeline=pipeline, timesteps=timesteps, allow_mismatch=allow_mismatch)
     transformer._invardiff_cache = cache
     return cache
 
@@ -333,9 +372,9 @@ def disable_cache(target) -> None:
 
 
 @contextmanager
-def cached(target, plan: CachePlan, timesteps=None) -> Iterator[PlanCache]:
-    """``with cached(pipe, plan): pipe(...)`` runs the pipeline under ``plan``."""
-    cache = enable_cache(target, plan, timesteps=timesteps)
+def cached(target, plan: CachePlan, timesteps=None, allow_mismatch: Iterable[str] = ()) -> Iterator[PlanCache]:
+    """``with cached(pipe, plan): pipe(...)`` runs the pipeline under ``plan`` (see :func:`enable_cache`)."""
+    cache = enable_cache(target, plan, timesteps=timesteps, allow_mismatch=allow_mismatch)
     try:
         yield cache
     finally:

@@ -136,19 +136,31 @@ def mask_steps(flags: torch.Tensor, warmup: int) -> torch.Tensor:
     return flags
 
 
-def cap_runs(flags: torch.Tensor, cap: int | None) -> torch.Tensor:
-    """Compute every (cap+1)-th step of a run of reuse (per column); ``None`` keeps all."""
+def cap_runs(flags: torch.Tensor, cap: int | None, skipped: torch.Tensor | None = None) -> torch.Tensor:
+    """Clear flags so no column goes more than ``cap`` steps in a row without computing.
+
+    ``None`` keeps all. ``skipped`` (``[T]``, module flags only) marks skipped steps: they
+    count as reuse and cannot be cleared, so a run that a skipped step would take past the
+    cap is broken at its last computed step instead.
+    """
     if cap is None:
         return flags
     if cap < 1:
         raise ValueError(f"max_consecutive must be at least 1, got {cap}")
     flags = flags.clone()
-    run = torch.zeros(flags.shape[1:], dtype=torch.long)
-    for i in range(flags.shape[0]):
-        run = torch.where(flags[i], run + 1, torch.zeros_like(run))
-        over = run > cap
-        flags[i] &= ~over
-        run[over] = 0
+    forced = torch.zeros(flags.shape[0], dtype=torch.bool) if skipped is None else skipped.bool()
+    for column in flags.reshape(flags.shape[0], -1).T if flags.ndim == 1 else flags.T:
+        run, last_clearable = 0, None
+        for i in range(len(column)):
+            if not (column[i] or forced[i]):
+                run, last_clearable = 0, None
+                continue
+            run += 1
+            if not forced[i]:
+                last_clearable = i
+            if run > cap:
+                column[last_clearable] = False  # a skipped run alone never exceeds the (capped) gate
+                run, last_clearable = i - last_clearable, None
     return flags
 
 

@@ -92,6 +92,11 @@ class StepTracker:
             self._on_device = {}
         self.progress, self.begin, self.last = 0, begin, -1
 
+    def abandon(self) -> None:
+        """The generation in progress failed: forget its last step and its pending device check."""
+        self.last = -1
+        self._pending = None
+
     def advance(self) -> None:
         """The scheduler finished a step."""
         if self.progress is not None:

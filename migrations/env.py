@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from registry.config import Config
 from registry.db import create
 from registry.models import Base
 
 target_metadata = Base.metadata
+# pg_advisory_xact_lock key of schema changes ("invardif" in ASCII): concurrent `init` or
+# `db upgrade` runs on PostgreSQL wait for each other instead of racing to create tables.
+MIGRATION_LOCK = 0x696E76617264696E
 
 
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":  # SQLite: BEGIN IMMEDIATE serializes already
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     batch = connection.dialect.name == "sqlite"  # SQLite cannot ALTER most things in place
     context.configure(
         connection=connection,

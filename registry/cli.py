@@ -20,7 +20,8 @@ import click
 
 from .config import Config
 from .errors import GENERIC, USAGE, RegistryError
-from .matching import LATEST, Query, Resolution
+from .matching import LATEST, REVOKED, Query, Resolution
+from .validation import MAX_MIN_AGE, MAX_PRESIGN_SECONDS, MAX_STEPS, mask_secrets, url_secrets
 
 PROG = "invardiff-registry"
 
@@ -57,15 +58,37 @@ class _FiniteFloat(click.ParamType):
 
 
 RESOLUTION = _ResolutionType()
-STEPS = click.IntRange(min=1)
+STEPS = click.IntRange(min=1, max=MAX_STEPS)
 FINITE = _FiniteFloat()
+
+
+# Commands defined outside the registry (the fleet), imported only when named or listed.
+LAZY_COMMANDS = {
+    "calibrate": "workers.cli:calibrate",
+    "jobs": "workers.cli:jobs",
+    "mark-stale": "registry.stale_cli:mark_stale",
+    "recalibrate": "workers.schedule_cli:recalibrate",
+}
 
 
 class _Main(click.Group):
     """The group whose ``main`` turns every failure into one stderr line and an exit code."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, _, attribute = LAZY_COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("INVARDIFF_DEBUG", "") not in ("", "0")
+        args = list(sys.argv[1:] if args is None else args)
+        _SECRETS[:] = _secrets(args)
         try:
             result = super().main(
                 args, prog_name or PROG, complete_var, standalone_mode=False, **extra
@@ -79,11 +102,11 @@ class _Main(click.Group):
             _fail(f"{PROG}: aborted", GENERIC)
         except RegistryError as exc:
             if debug:
-                raise
+                _traceback()
             _fail(f"{PROG}: error: {exc}", exc.exit_code)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line
             if debug:
-                raise
+                _traceback()
             _fail(
                 f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (INVARDIFF_DEBUG=1 shows more)",
                 GENERIC,
@@ -91,8 +114,29 @@ class _Main(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+_SECRETS: list[str] = []  # passwords in this run's URLs: never printed
+
+
+def _secrets(args: list[str]) -> list[str]:
+    """The passwords in the database and S3 endpoint URLs of this run (flags and environment)."""
+    urls = [os.environ.get("INVARDIFF_DATABASE_URL"), os.environ.get("INVARDIFF_S3_ENDPOINT_URL")]
+    for i, arg in enumerate(args):
+        if arg == "--database-url" and i + 1 < len(args):
+            urls.append(args[i + 1])
+        elif arg.startswith("--database-url="):
+            urls.append(arg.partition("=")[2])
+    return [secret for url in urls for secret in url_secrets(url)]
+
+
+def _traceback() -> None:
+    """INVARDIFF_DEBUG: the traceback, with credentials masked like every message."""
+    import traceback
+
+    click.echo(mask_secrets(traceback.format_exc(), _SECRETS).rstrip(), err=True)
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(" ".join(message.split()), err=True)
+    click.echo(mask_secrets(" ".join(message.split()), _SECRETS), err=True)
     sys.exit(code)
 
 
@@ -302,6 +346,8 @@ def publish(
     result = _registry(ctx).publish(file, model_name, resolution, steps)
     _log(f"stored {result.version.object_key} ({result.version.size} bytes)")
     state = "published" if result.created else "already published"
+    if result.version.status == REVOKED:
+        state += " (revoked: it is not served)"
     human = f"{state}: {model_name} {result.target.describe()} v{result.version.version} {result.version.sha256}"
     _emit(as_json, result.to_json(), human)
 
@@ -373,11 +419,26 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
         (
             f"{','.join(r['models']):<16} {r['resolution']:>10} {r['target']['steps']:>4} steps  "
             f"{r['target']['scheduler'] or '-':<32} v{r['version']:<3} {r['sha256'][:12]}  "
-            + ",".join([*(["latest"] if r["latest"] else []), *r["aliases"]])
+            + ",".join(
+                [*(["latest"] if r["latest"] else []), *r["aliases"], *_revoked(r["status"])]
+            )
+            + _measured(r["metrics"])
         ).rstrip()
         for r in rows
     ]
     _emit(as_json, rows, "\n".join(lines) or "no plans")
+
+
+def _revoked(status: str) -> list[str]:
+    return [status.upper()] if status == REVOKED else []
+
+
+def _measured(metrics: dict[str, Any]) -> str:
+    """`` measured 2.5x, 34.9 dB`` for versions validated by ``calibrate``."""
+    if "measured_speedup" not in metrics:
+        return ""
+    psnr = metrics.get("psnr_db")
+    return f"  measured {metrics['measured_speedup']}x, {'inf' if psnr is None else psnr} dB"
 
 
 model_option = click.option(
@@ -393,7 +454,7 @@ model_option = click.option(
 @click.option("--presign", is_flag=True, help="Add a time-limited download URL (S3 stores).")
 @click.option(
     "--expires",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_PRESIGN_SECONDS),
     default=3600,
     show_default=True,
     help="URL lifetime, s.",
@@ -445,10 +506,31 @@ def promote(
 
 
 @main.command()
+@click.argument("plan")
+@model_option
+@json_option
+@click.pass_context
+def revoke(ctx: click.Context, plan: str, model_name: str | None, as_json: bool) -> None:
+    """Take plan PLAN out of service for good: never served by fetch, the index or latest."""
+    result = _registry(ctx).revoke(plan, model_name)
+    state = "revoked" if result["changed"] else "already revoked"
+    on = (
+        f"; aliases still on it (not served): {', '.join(result['aliases'])}"
+        if result["aliases"]
+        else ""
+    )
+    _emit(as_json, result, f"{state}: v{result['version']} {result['sha256']}{on}")
+
+
+@main.command()
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, as_json: bool) -> None:
-    """Re-hash every stored plan object (exit 4 when any is missing or corrupt)."""
+    """Re-hash every stored plan object and check every model's index against the database.
+
+    Exit 4 when an object is missing or corrupt, or an index is missing or stale
+    (`index rebuild` repairs indexes).
+    """
     result = _registry(ctx).verify()
     lines = [f"{f['problem']}: {f['object_key']}" for f in result["failures"]]
     _emit(as_json, result, "\n".join([*lines, f"{result['ok']}/{result['checked']} objects ok"]))
@@ -456,14 +538,30 @@ def verify(ctx: click.Context, as_json: bool) -> None:
         from .errors import IntegrityFailure
 
         raise IntegrityFailure(
-            f"{len(result['failures'])} of {result['checked']} stored plans failed verification"
+            f"{len(result['failures'])} stored plans or indexes failed verification "
+            f"({result['checked']} plans, {result['indexes_checked']} indexes checked)"
         )
+
+
+@main.group("index")
+def index_group() -> None:
+    """The per-model index objects that store-only clients resolve through."""
+
+
+@index_group.command("rebuild")
+@json_option
+@click.pass_context
+def index_rebuild(ctx: click.Context, as_json: bool) -> None:
+    """Rewrite every index that is missing or does not match the database."""
+    result = _registry(ctx).check_indexes(rebuild=True)
+    human = f"rewrote {len(result['rewritten'])} of {result['checked']} indexes"
+    _emit(as_json, result, "\n".join([*(f"rewrote {k}" for k in result["rewritten"]), human]))
 
 
 @main.command()
 @click.option(
     "--min-age",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=int(MAX_MIN_AGE.total_seconds())),
     default=3600,
     show_default=True,
     help="Keep unreferenced objects younger than this (seconds): in-flight publishes.",
@@ -475,6 +573,5 @@ def gc(ctx: click.Context, min_age: int, dry_run: bool, as_json: bool) -> None:
     """Delete stored plan objects that no version references."""
     result = _registry(ctx).gc(timedelta(seconds=min_age), dry_run)
     verb = "would delete" if dry_run else "deleted"
-    _emit(
-        as_json, result, f"{verb} {len(result['deleted'])} objects ({result['freed_bytes']} bytes)"
-    )
+    counts = f"{len(result['deleted'])} objects, {len(result['temporaries'])} temporary files"
+    _emit(as_json, result, f"{verb} {counts} ({result['freed_bytes']} bytes)")

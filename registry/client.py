@@ -12,6 +12,7 @@ is used (offline), marked ``stale``.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import Cache
 from .config import Config
-from .errors import NotFound, Unreachable
+from .errors import IntegrityFailure, NotFound, Unreachable
 from .matching import (
     LATEST,
     Query,
@@ -106,13 +107,16 @@ def fetch_plan(
     config = config or Config.from_env()
     cache = Cache(config.cache_dir)
     identity = {"store": config.store_url, "query": query.to_json()}
-    record = None if refresh else cache.lookup(identity)
-    age = time.time() - record.get("resolved_at", 0) if record else None
-    cached = age is not None and 0 <= age < config.ref_ttl
+    found = None if refresh else cache.lookup(identity)
+    if found is not None and answer_problem(*found, query) is not None:
+        found = None  # an inconsistent ref is a cache miss
+    record, data = found or (None, b"")
+    resolved_at = record.get("resolved_at") if record else None
+    cached = _is_number(resolved_at) and 0 <= time.time() - resolved_at < config.ref_ttl
     stale = False
     if not cached:
         try:
-            fresh = _download(query, config, cache, use_index)
+            fresh, data = _download(query, config, cache, use_index)
         except Unreachable:
             if record is None:
                 raise
@@ -123,10 +127,13 @@ def fetch_plan(
     cache_path = cache.blob_path(record["sha256"])
     path = cache_path
     if dest is not None:
-        target = record["target"]
-        name = f"{record['model']}_{target['width']}x{target['height']}_{target['steps']}steps_v{record['version']}.json"
+        target = json.loads(data)["target"]  # checked by answer_problem: ints, and the query's
+        name = (
+            f"{query.model}_{target['width']}x{target['height']}_{target['steps']}steps"
+            f"_v{record['version']}.json"
+        )
         path = Path(dest) / name
-        atomic_write(path, cache_path.read_bytes(), f"destination {path}")
+        atomic_write(path, data, f"destination {path}")
     return FetchResult(
         path=path,
         cache_path=cache_path,
@@ -143,8 +150,70 @@ def fetch_plan(
     )
 
 
-def _download(query: Query, config: Config, cache: Cache, use_index: bool) -> dict[str, Any]:
-    from .store import BlobRef, get_blob, open_store
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def answer_problem(record: Any, data: bytes, query: Query) -> str | None:
+    """What is wrong with an answer (a cache ref, or a resolution from an index) to ``query``.
+
+    ``data`` are the plan bytes ``record`` names, already checked against its sha256 and
+    size. The answer must be well formed, be for the queried model, alias and settings, and
+    describe the plan's own target: so an edited ref or index cannot serve another plan or
+    put a crafted name into a path. None when consistent.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("target"), dict):
+        return "malformed answer"
+    target = record["target"]
+    if record.get("model") != query.model:
+        return f"answer is for model {record.get('model')!r}, not {query.model!r}"
+    if not _is_int(record.get("version"), 1) or record.get("match") not in ("exact", "nearest"):
+        return "malformed version or match"
+    expected = "latest" if query.alias == LATEST else f"alias:{query.alias}"
+    if record.get("selected_by") != expected:
+        return f"answer was selected by {record.get('selected_by')!r}, not {expected!r}"
+    try:
+        document = json.loads(data)
+        plan, steps = document["target"], document["steps"]
+        own = {**{k: plan.get(k) for k in _PLAN_FIELDS}, "steps": steps}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "the plan does not record its target"
+    if {k: target.get(k) for k in own} != own:
+        return "answer and plan disagree on the target"
+    if not all(_is_int(own[k], 1) for k in ("steps", "width", "height")):
+        return "the plan's steps and resolution are not positive integers"
+    source = target.get("source")
+    if not isinstance(source, str) or plan.get("model_id") not in (
+        source,
+        source.removeprefix("hf://"),
+        query.model,
+    ):
+        return "answer and plan disagree on the checkpoint"
+    wanted = {k: getattr(query, k) for k in _QUERY_FIELDS if getattr(query, k) is not None}
+    if any(target.get(k) != v for k, v in wanted.items()):
+        return "the plan does not have the queried settings"
+    exact = Resolution(width=own["width"], height=own["height"]) == query.resolution
+    if not exact and (record["match"] == "exact" or not query.allow_nearest):
+        return "the plan is not for the queried resolution"
+    return None
+
+
+_PLAN_FIELDS = (
+    "revision", "pipeline", "scheduler", "scheduler_config_hash", "height", "width", "guidance",
+    "dtype",
+)  # fmt: skip
+_QUERY_FIELDS = ("steps", "scheduler", "pipeline", "scheduler_config_hash", "guidance", "dtype")
+
+
+def _download(
+    query: Query, config: Config, cache: Cache, use_index: bool
+) -> tuple[dict[str, Any], bytes]:
+    """Resolve ``query``, download (or find in the cache) and check the plan; answer and bytes."""
+    from .store import BlobRef, blob_key, get_blob, open_store
 
     if use_index or not config.database_url:
         store = open_store(config.store_url, config.s3_endpoint_url)
@@ -156,10 +225,13 @@ def _download(query: Query, config: Config, cache: Cache, use_index: bool) -> di
         store = registry.store
         resolved = registry.resolve(query)
     version = resolved.version
-    if cache.valid_blob(version.sha256, version.size) is None:
-        ref = BlobRef(version.object_key, version.sha256, version.size)
-        cache.put_blob(get_blob(store, ref), version.sha256)
-    return {
+    where = f"the answer from {store.url}"
+    if not (isinstance(version.sha256, str) and version.object_key == blob_key(version.sha256)):
+        raise IntegrityFailure(f"{where} names object {version.object_key!r} for its sha256")
+    data = cache.read_blob(version.sha256, version.size)
+    if data is None:
+        data = get_blob(store, BlobRef(version.object_key, version.sha256, version.size))
+    record = {
         "sha256": version.sha256,
         "size": version.size,
         "version": version.version,
@@ -168,6 +240,11 @@ def _download(query: Query, config: Config, cache: Cache, use_index: bool) -> di
         "model": resolved.model.name,
         "target": resolved.target.to_json(),
     }
+    problem = answer_problem(record, data, query)
+    if problem is not None:
+        raise IntegrityFailure(f"{where} does not match the plan it names: {problem}")
+    cache.put_blob(data, version.sha256)
+    return record, data
 
 
 def fetch(

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidInput
+from .validation import check_endpoint_url, check_store_url
 
 DEFAULT_REF_TTL = 600.0
 
@@ -34,11 +35,15 @@ DEFAULT_REF_TTL = 600.0
 class Config:
     """Resolved locations. ``database_url`` is ``None`` for a store-only (read-only) client."""
 
-    database_url: str | None
+    database_url: str | None = field(repr=False)  # may hold a password
     store_url: str
     cache_dir: Path
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = field(default=None, repr=False)
     ref_ttl: float = DEFAULT_REF_TTL
+
+    def __post_init__(self) -> None:
+        check_store_url(self.store_url)
+        check_endpoint_url(self.s3_endpoint_url)
 
     @classmethod
     def from_env(

@@ -10,7 +10,8 @@ resolver, so both answer every query the same way. The rules (see docs/registry.
 4. Resolution is exact, or with ``allow_nearest`` the closest one of the same aspect ratio
    within a factor :data:`MAX_NEAREST_SCALE` per side (ties go to the larger).
 5. Within the target, ``latest`` is the highest ready version; any other alias name is
-   looked up in the target's aliases.
+   looked up in the target's aliases. A revoked version is never served: targets without a
+   ready version are not candidates, and an alias on a revoked version is not found.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InvalidInput, NotFound
+from .validation import (
+    MAX_SIDE,
+    MAX_STEPS,
+    check_int,
+    check_name,
+    check_number,
+    check_text,
+    shown,
+)
 
 MAX_NEAREST_SCALE = 2.0
-MAX_SIDE = 16384
 LATEST = "latest"
 READY = "ready"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_RESOLUTION = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
+REVOKED = "revoked"
+_RESOLUTION = re.compile(r"[ \t]*([0-9]{1,9})[ \t]*(?:[xX][ \t]*([0-9]{1,9})[ \t]*)?", re.ASCII)
 _OPEN_FIELDS = ("pipeline", "scheduler_config_hash", "guidance", "dtype")
 
 
@@ -42,22 +51,6 @@ def canonical(document: Any) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def check_name(name: str, what: str) -> str:
-    """Validate a model or alias name (lower-case, digits, ``._-``, at most 64 chars)."""
-    if not NAME_PATTERN.match(name):
-        raise InvalidInput(
-            f"invalid {what} name {name!r}: use lower-case letters, digits, '.', '_', '-'"
-        )
-    return name
-
-
-def check_finite(value: float | None, what: str) -> float | None:
-    """Refuse NaN and infinities (they are not JSON and match nothing)."""
-    if value is not None and not math.isfinite(value):
-        raise InvalidInput(f"{what} must be a finite number, got {value}")
-    return value
-
-
 @dataclass(frozen=True, order=True)
 class Resolution:
     """Image size in pixels; written ``WIDTHxHEIGHT``, or one number for a square."""
@@ -68,15 +61,17 @@ class Resolution:
     @classmethod
     def parse(cls, text: str) -> Resolution:
         """Parse ``1024`` (square) or ``1024x768`` (width x height)."""
-        match = _RESOLUTION.match(str(text))
+        match = _RESOLUTION.fullmatch(str(text))
         if not match:
-            raise InvalidInput(f"malformed resolution {text!r}: expected e.g. 1024 or 1024x768")
+            raise InvalidInput(
+                f"malformed resolution {shown(text)}: expected e.g. 1024 or 1024x768"
+            )
         width = int(match.group(1))
         height = int(match.group(2) or width)
         for side in (width, height):
             if not 1 <= side <= MAX_SIDE:
                 raise InvalidInput(
-                    f"resolution {text!r}: each side must be between 1 and {MAX_SIDE}"
+                    f"resolution {shown(text)}: each side must be between 1 and {MAX_SIDE}"
                 )
         return cls(width=width, height=height)
 
@@ -192,6 +187,19 @@ class TargetEntry:
         ready = [v for v in self.versions if v.status == READY]
         return max(ready, key=lambda v: v.version) if ready else None
 
+    def servable(self) -> TargetEntry | None:
+        """This entry with only its ready versions and the aliases on them; None if none is ready.
+
+        What the store index publishes: a revoked version is never served, also not to older
+        clients that do not know the status.
+        """
+        ready = tuple(v for v in self.versions if v.status == READY)
+        if not ready:
+            return None
+        numbers = {v.version for v in ready}
+        aliases = {name: n for name, n in self.aliases.items() if n in numbers}
+        return TargetEntry(key=self.key, versions=ready, aliases=aliases)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.key.to_json(),
@@ -225,9 +233,16 @@ class Query:
 
     def __post_init__(self) -> None:
         check_name(self.model, "model")  # it becomes an object key: index/<model>.json
-        check_finite(self.guidance, "guidance")
-        if self.steps is not None and self.steps < 1:
-            raise InvalidInput(f"steps must be a positive integer, got {self.steps}")
+        if not isinstance(self.resolution, Resolution):
+            raise InvalidInput(f"resolution must be a Resolution, got {self.resolution!r}")
+        for side in (self.resolution.width, self.resolution.height):
+            check_int(side, "resolution", 1, MAX_SIDE)
+        check_number(self.guidance, "guidance")
+        if self.steps is not None:
+            check_int(self.steps, "steps", 1, MAX_STEPS)
+        for name in ("scheduler", "pipeline", "scheduler_config_hash", "dtype"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
         if self.alias != LATEST:
             check_name(self.alias, "alias")
 
@@ -261,7 +276,8 @@ def resolve(model: ModelInfo, query: Query, entries: list[TargetEntry]) -> Resol
     candidates = [
         e
         for e in entries
-        if e.key.source == model.source
+        if e.latest() is not None  # a target whose versions are all revoked serves nothing
+        and e.key.source == model.source
         and e.key.revision == model.revision
         and (steps is None or e.key.steps == steps)
         and (scheduler is None or e.key.scheduler == scheduler)
@@ -329,7 +345,13 @@ def _select_version(model: ModelInfo, entry: TargetEntry, alias: str) -> Version
             f"no alias {alias!r} for {model.name} at {entry.key.describe()}; aliases: {known}"
         )
     number = entry.aliases[alias]
-    return next(v for v in entry.versions if v.version == number)
+    version = next(v for v in entry.versions if v.version == number)
+    if version.status != READY:
+        raise NotFound(
+            f"alias {alias!r} of {model.name} at {entry.key.describe()} points at v{number}, "
+            f"which is {version.status}; promote another version"
+        )
+    return version
 
 
 def _selector(alias: str) -> str:

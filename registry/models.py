@@ -110,7 +110,11 @@ class CalibrationJob(Base):
     """A calibration request, idempotent by ``job_key`` (hash of the canonical request)."""
 
     __tablename__ = "calibration_jobs"
-    __table_args__ = (CheckConstraint(one_of("status", JOB_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(one_of("status", JOB_STATUSES), name="status"),
+        Index(None, "status"),
+        Index(None, "model"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_key: Mapped[str] = mapped_column(String(64), unique=True)
@@ -124,6 +128,13 @@ class CalibrationJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Fleet (migration 0003_fleet): the driver holding the job, shard progress, result.
+    lease_holder: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    progress: Mapped[dict[str, Any] | None]
+    timings: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]
 
 
 class PlanVersion(Base):
@@ -149,6 +160,10 @@ class PlanVersion(Base):
     lineage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     calibration_job_id: Mapped[int | None] = mapped_column(ForeignKey("calibration_jobs.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # An operator's mark (``mark-stale``; migration 0004_stale): recalibrate this target.
+    stale_marked_at: Mapped[datetime | None]
+    stale_marked_by: Mapped[str | None] = mapped_column(String(128))
+    stale_reason: Mapped[str | None] = mapped_column(Text)
 
     target: Mapped[PlanTarget] = relationship(back_populates="versions")
 
@@ -170,3 +185,26 @@ class PlanAlias(Base):
     plan_version: Mapped[PlanVersion] = relationship()
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": lock_version}
+
+
+LEASE_KINDS = ("publish", "gc")
+
+
+class ObjectLease(Base):
+    """A claim on a store object while it is written (``publish``) or deleted (``gc``).
+
+    A publish holds one from before it writes the object until the commit that references
+    it; gc leaves leased objects alone and holds one while it deletes. See registry/leases.py.
+    """
+
+    __tablename__ = "object_leases"
+    __table_args__ = (
+        Index(None, "object_key"),
+        CheckConstraint(one_of("kind", LEASE_KINDS), name="kind"),
+        {"sqlite_autoincrement": True},  # an id is never reused: it names one lease
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    object_key: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

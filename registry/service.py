@@ -8,13 +8,11 @@ clients with store read access alone can resolve plans (see :mod:`registry.clien
 from __future__ import annotations
 
 import getpass
-import json
-import math
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,18 +22,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
-from invardiff import CachePlan, PlanError, __version__, load_plan
+from invardiff import CachePlan, PlanError, __version__
 from invardiff.architectures import ARCHITECTURES
-from invardiff.official import REFERENCE_TARGETS, is_official
+from invardiff.official import REFERENCE_TARGETS, from_official, is_official
 from invardiff.plan import FORMAT_VERSION
 
-from . import db
+from . import db, leases
 from .config import Config
-from .errors import Conflict, IntegrityFailure, InvalidInput, NotFound, RegistryError
+from .errors import (
+    Conflict,
+    IntegrityFailure,
+    InvalidInput,
+    NotFound,
+    RegistryError,
+    Unreachable,
+)
+from .faults import crash_point
 from .index import encode_index, index_key
 from .matching import (
     LATEST,
     READY,
+    REVOKED,
     ModelInfo,
     Query,
     Resolution,
@@ -43,14 +50,23 @@ from .matching import (
     TargetEntry,
     TargetKey,
     VersionInfo,
-    check_finite,
-    check_name,
     resolve,
 )
 from .models import CalibrationJob, ModelAlias, PlanAlias, PlanTarget, PlanVersion, utcnow
-from .store import BlobRef, ObjectStore, get_blob, open_store, put_blob
+from .store import BlobRef, MissingObject, ObjectStore, blob_ref, get_blob, open_store, put_blob
+from .validation import (
+    check_min_age,
+    check_name,
+    check_plan_ref,
+    check_settings,
+    check_target,
+    check_text,
+    parse_json,
+    read_plan_file,
+)
 
 PUBLISH_ATTEMPTS = 10
+INDEX_ATTEMPTS = 5
 _MODEL_FIELDS = (
     "pipeline",
     "scheduler",
@@ -61,6 +77,9 @@ _MODEL_FIELDS = (
     "guidance",
     "dtype",
 )
+
+# A plan target's own settings; its steps are the plan's (the length of its step gate).
+_TARGET_SETTINGS = tuple(name for name in _MODEL_FIELDS if name != "steps")
 
 BUILTIN_MODELS = (
     ModelInfo(
@@ -148,7 +167,7 @@ class Registry:
     def session(self) -> Iterator[Session]:
         """One transaction; connection failures become :class:`~registry.errors.Unreachable`."""
         with (
-            db.reachable(str(self.engine.url)),
+            db.guarded(self.engine),
             Session(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
@@ -164,10 +183,13 @@ class Registry:
         return {"revision": revision, "models_added": added}
 
     def _insert_model(self, model: ModelInfo) -> bool:
-        with self.session() as session:
-            if session.scalar(select(ModelAlias.id).where(ModelAlias.name == model.name)):
-                return False
-            session.add(ModelAlias(**model.to_json()))
+        try:
+            with self.session() as session:
+                if session.scalar(select(ModelAlias.id).where(ModelAlias.name == model.name)):
+                    return False
+                session.add(ModelAlias(**model.to_json()))
+        except IntegrityError:  # a concurrent init added it
+            return False
         return True
 
     def add_model(
@@ -183,11 +205,14 @@ class Registry:
         check_name(name, "model")
         if arch not in ARCHITECTURES:
             raise InvalidInput(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-        if not source.strip():
-            raise InvalidInput("the model source must not be empty")
-        check_finite(settings.get("guidance"), "guidance")
-        values = {**arch_defaults(arch), **{k: v for k, v in settings.items() if v is not None}}
-        model = ModelInfo(name=name, source=source, revision=revision, arch=arch, **values)
+        given = {k: v for k, v in settings.items() if v is not None}
+        unknown = set(given) - set(_MODEL_FIELDS)
+        if unknown:
+            raise InvalidInput(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        values = check_settings(
+            {"source": source, "revision": revision, **arch_defaults(arch), **given}
+        )
+        model = ModelInfo(name=name, arch=arch, **values)
         self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
@@ -219,6 +244,7 @@ class Registry:
 
     def model(self, name: str) -> ModelInfo:
         """One model alias; :class:`NotFound` lists the known ones."""
+        check_name(name, "model")
         with self.session() as session:
             row = session.scalar(select(ModelAlias).where(ModelAlias.name == name))
             if row is None:
@@ -240,34 +266,42 @@ class Registry:
 
         Idempotent: the same bytes for the same target give the existing version. Concurrent
         publishers race on the database's unique constraints and retry a bounded number of times.
+        A lease keeps gc off the object from before it is written until the version that
+        references it commits (see :mod:`registry.leases`); a damaged copy already in the
+        store is replaced.
         """
         model = self.model(model_name)
         plan, lineage = _load_for(Path(path), model, resolution, steps)
         data = plan.to_bytes()
-        key = TargetKey(
-            source=model.source,
-            revision=model.revision,
-            pipeline=plan.target.pipeline,
-            scheduler=plan.target.scheduler,
-            scheduler_config_hash=plan.target.scheduler_config_hash,
-            steps=plan.steps,
-            height=plan.target.height,
-            width=plan.target.width,
-            guidance=plan.target.guidance,
-            dtype=plan.target.dtype,
-        )
+        key = _plan_target_key(model, plan)
         metrics = {**plan.summary().to_json(), **_dict(plan.calibration.get("metrics"))}
-        blob = put_blob(self.store, data)
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                result = self._register(model, key, blob, metrics, lineage)
-                break
-            except IntegrityError:
-                if attempt == PUBLISH_ATTEMPTS - 1:
-                    raise Conflict(
-                        f"publishing {blob.sha256[:12]} kept conflicting; try again"
-                    ) from None
-                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        blob = blob_ref(data)
+        self.store.check_writable()  # an unwritable store fails before the database changes
+        lease = None
+        try:
+            for attempt in range(PUBLISH_ATTEMPTS):
+                if lease is None:
+                    lease = leases.begin_publish(self.session, blob.key)
+                    crash_point("publish.leased")
+                    put_blob(self.store, data)
+                    crash_point("publish.stored")
+                try:
+                    result = self._register(model, key, blob, metrics, lineage, lease)
+                    lease = None  # consumed by the commit
+                    break
+                except (IntegrityError, leases.LeaseLost) as exc:
+                    if attempt == PUBLISH_ATTEMPTS - 1:
+                        raise Conflict(
+                            f"publishing {blob.sha256[:12]} kept conflicting; try again"
+                        ) from None
+                    if isinstance(exc, leases.LeaseLost):
+                        lease = None  # gc took the object over: write it again
+                    time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        finally:
+            if lease is not None:  # failed: leave nothing behind (else it expires)
+                with suppress(RegistryError):
+                    leases.release(self.session, lease)
+        crash_point("publish.committed")
         self.write_indexes(self._models_of(key.source, key.revision))  # also heals a missed write
         return result
 
@@ -278,8 +312,10 @@ class Registry:
         blob: BlobRef,
         metrics: dict[str, Any],
         lineage: dict[str, Any],
+        lease: int,
     ) -> PublishResult:
         with self.session() as session:
+            leases.end_publish(session, blob.key, lease)
             target = session.scalar(select(PlanTarget).where(PlanTarget.key_hash == key.key_hash))
             if target is None:
                 target = PlanTarget(key_hash=key.key_hash, **key.to_json())
@@ -339,9 +375,17 @@ class Registry:
 
     def versions(self, model_name: str | None = None) -> list[dict[str, Any]]:
         """Every plan version (of one model's checkpoint, or all), by checkpoint, target, version."""
-        models = [self.model(model_name)] if model_name else self.models()
+        models = [self.model(model_name)] if model_name is not None else self.models()
         rows = []
         with self.session() as session:
+            metrics = {
+                (key_hash, number): stored
+                for key_hash, number, stored in session.execute(
+                    select(PlanTarget.key_hash, PlanVersion.version, PlanVersion.metrics).join(
+                        PlanVersion.target
+                    )
+                )
+            }
             for checkpoint in sorted({(m.source, m.revision) for m in models}, key=str):
                 names = sorted(m.name for m in models if (m.source, m.revision) == checkpoint)
                 for entry in self.entries(session, *checkpoint):
@@ -357,13 +401,14 @@ class Registry:
                                 **version.to_json(),
                                 "aliases": aliases,
                                 "latest": version == entry.latest(),
+                                "metrics": metrics[(entry.key.key_hash, version.version)],
                             }
                         )
         return rows
 
     def show(self, ref: str, model_name: str | None = None) -> dict[str, Any]:
         """Everything about one plan version (by sha256 prefix; ``model_name`` disambiguates)."""
-        model = self.model(model_name) if model_name else None
+        model = self.model(model_name) if model_name is not None else None
         with self.session() as session:
             row = self._version_by_ref(session, ref, model)
             target = row.target
@@ -392,12 +437,13 @@ class Registry:
             }
 
     def _version_by_ref(
-        self, session: Session, ref: str, model: ModelInfo | None = None
+        self, session: Session, ref: str, model: ModelInfo | None = None, lock: bool = False
     ) -> PlanVersion:
-        ref = ref.lower().removeprefix("sha256:")
-        if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
-            raise InvalidInput(f"plan reference {ref!r}: give at least 6 hex digits of its sha256")
+        """The version whose sha256 starts with ``ref``; ``lock`` holds its row until commit."""
+        ref = check_plan_ref(ref)
         query = select(PlanVersion).where(PlanVersion.sha256.startswith(ref))
+        if lock:
+            query = query.with_for_update()
         if model is not None:
             query = query.join(PlanTarget).where(
                 PlanTarget.source == model.source, _is(PlanTarget.revision, model.revision)
@@ -432,11 +478,11 @@ class Registry:
         check_name(alias, "alias")
         if alias == LATEST:
             raise InvalidInput("'latest' is computed (highest ready version) and cannot be moved")
-        model = self.model(model_name) if model_name else None
+        model = self.model(model_name) if model_name is not None else None
         self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
-                row = self._version_by_ref(session, ref, model)
+                row = self._version_by_ref(session, ref, model, lock=True)  # vs. a revoke
                 if row.status != READY:
                     raise InvalidInput(
                         f"plan {row.sha256[:12]} is {row.status}, only ready plans can be promoted"
@@ -472,6 +518,37 @@ class Registry:
         self.write_indexes(self._models_of(source, revision))
         return result
 
+    def revoke(self, ref: str, model_name: str | None = None) -> dict[str, Any]:
+        """Take a plan version out of service for good (idempotent).
+
+        A revoked version is never served: not as ``latest``, not through an alias (which
+        stays, pointing at it, until promoted elsewhere) and not in the store index.
+        """
+        model = self.model(model_name) if model_name is not None else None
+        self.store.check_writable()  # an unreachable store must fail before the commit
+        with self.session() as session:
+            row = self._version_by_ref(session, ref, model, lock=True)
+            changed = row.status != REVOKED
+            if changed:
+                row.status = REVOKED
+                row.lineage = {**row.lineage, "revoked_by": _user(), "revoked_at": _iso(utcnow())}
+            aliases = session.scalars(
+                select(PlanAlias.name)
+                .where(PlanAlias.version_id == row.id)
+                .order_by(PlanAlias.name)
+            ).all()
+            result = {
+                "sha256": row.sha256,
+                "version": row.version,
+                "status": REVOKED,
+                "changed": changed,
+                "aliases": list(aliases),
+                "target": _target_key(row.target).to_json(),
+            }
+            source, revision = row.target.source, row.target.revision
+        self.write_indexes(self._models_of(source, revision))
+        return result
+
     # ---- index --------------------------------------------------------------------------
     def _models_of(self, source: str, revision: str | None) -> list[str]:
         with self.session() as session:
@@ -483,36 +560,71 @@ class Registry:
                 )
             )
 
-    def write_indexes(self, names: list[str]) -> None:
-        """Rewrite the store index of each model, holding its row lock while writing.
-
-        Writers serialize on the model rows (``BEGIN IMMEDIATE`` on SQLite), so the last index
-        written always reflects every committed change.
-        """
+    def index_bytes(self, name: str) -> bytes | None:
+        """The index document the database gives for model ``name`` (None: no such model)."""
         with self.session() as session:
-            rows = session.scalars(
-                select(ModelAlias)
-                .where(ModelAlias.name.in_(names))
-                .order_by(ModelAlias.name)
-                .with_for_update()
-            ).all()
-            for row in rows:
-                model = _model_info(row)
-                entries = self.entries(session, model.source, model.revision)
-                self.store.put(index_key(model.name), encode_index(model, entries))
+            row = session.scalar(select(ModelAlias).where(ModelAlias.name == name))
+            if row is None:
+                return None
+            model = _model_info(row)
+            entries = self.entries(session, model.source, model.revision)
+            served = [s for e in entries if (s := e.servable()) is not None]  # no revoked
+            return encode_index(model, served)
+
+    def write_indexes(self, names: list[str]) -> None:
+        """Rewrite the store index of each model, outside any database transaction.
+
+        After writing, the index is computed again: when a concurrent change committed
+        meanwhile (and a slower writer may have put older bytes), it is written again, so the
+        last index written reflects every committed change. A store failure says that the
+        change itself is committed and how to repair the index.
+        """
+        for name in sorted(set(names)):
+            data = self.index_bytes(name)
+            for _ in range(INDEX_ATTEMPTS):
+                if data is None:
+                    break
+                try:
+                    self.store.put(index_key(name), data)
+                except Unreachable as exc:
+                    raise Unreachable(
+                        f"{exc}; the change is committed but the store index of {name} is not "
+                        "updated: run `invardiff-registry index rebuild` once the store is back"
+                    ) from None
+                written, data = data, self.index_bytes(name)
+                if data == written:
+                    break
+
+    def check_indexes(self, rebuild: bool = False) -> dict[str, Any]:
+        """Compare every model's store index with the database; ``rebuild`` rewrites bad ones.
+
+        Returns ``{"checked", "failures": [{"object_key", "problem": "missing index"|"stale
+        index"}], "rewritten": [keys]}``.
+        """
+        failures, rewritten = [], []
+        names = [m.name for m in self.models()]
+        for name in names:
+            key = index_key(name)
+            try:
+                stored = self.store.get(key)
+            except NotFound:
+                stored = None
+            if stored == self.index_bytes(name):
+                continue
+            problem = "missing index" if stored is None else "stale index"
+            failures.append({"object_key": key, "problem": problem})
+            if rebuild:
+                self.write_indexes([name])
+                rewritten.append(key)
+        return {"checked": len(names), "failures": failures, "rewritten": rewritten}
 
     # ---- maintenance --------------------------------------------------------------------
-    def _is_referenced(self, object_key: str) -> bool:
-        with self.session() as session:
-            return (
-                session.scalar(
-                    select(PlanVersion.id).where(PlanVersion.object_key == object_key).limit(1)
-                )
-                is not None
-            )
-
     def verify(self) -> dict[str, Any]:
-        """Re-hash every stored plan object; report missing and corrupt ones."""
+        """Re-hash every stored plan object and compare every index with the database.
+
+        Reports missing and corrupt objects, and missing or stale indexes (a crash or a lost
+        store between a commit and its index write; ``index rebuild`` repairs them).
+        """
         with self.session() as session:
             blobs = session.execute(
                 select(PlanVersion.object_key, PlanVersion.sha256, PlanVersion.size)
@@ -523,22 +635,32 @@ class Registry:
         for key, sha256, size in blobs:
             try:
                 get_blob(self.store, BlobRef(key, sha256, size))
-            except NotFound:
+            except MissingObject:
                 failures.append({"object_key": key, "sha256": sha256, "problem": "missing"})
             except IntegrityFailure as exc:
                 failures.append(
                     {"object_key": key, "sha256": sha256, "problem": "corrupt", "detail": str(exc)}
                 )
-        return {"checked": len(blobs), "ok": len(blobs) - len(failures), "failures": failures}
+        ok = len(blobs) - len(failures)
+        indexes = self.check_indexes()
+        failures.extend(indexes["failures"])
+        return {
+            "checked": len(blobs),
+            "ok": ok,
+            "indexes_checked": indexes["checked"],
+            "failures": failures,
+        }
 
     def gc(self, min_age: timedelta, dry_run: bool = False) -> dict[str, Any]:
         """Delete plan objects no version references, once older than ``min_age``.
 
-        The age guard protects a concurrent publish between its store write and its commit
-        (a publish of bytes already stored refreshes their age where the store allows it).
-        Each object is checked again right before it is deleted, so a publish committed
-        since the listing keeps its object.
+        An object a publish holds a lease on is kept (see :mod:`registry.leases`), and each
+        one is checked again, under its own lease, right before it is deleted. Temporary
+        files of killed writers (local stores) older than ``min_age`` are removed too.
         """
+        check_min_age(min_age)
+        if not dry_run:
+            leases.drop_expired(self.session)
         with self.session() as session:
             referenced = set(session.scalars(select(PlanVersion.object_key)))
         cutoff = datetime.now(timezone.utc) - min_age
@@ -546,31 +668,42 @@ class Registry:
             o for o in self.store.list("plans/") if o.key not in referenced and o.modified <= cutoff
         ]
         if not dry_run:
-            deleted = []
-            for orphan in orphans:
-                if not self._is_referenced(orphan.key):
-                    self.store.delete(orphan.key)
-                    deleted.append(orphan)
-            orphans = deleted
+            orphans = [o for o in orphans if self._delete_orphan(o.key)]
+        temporaries = self.store.remove_temporaries(cutoff, dry_run)
         return {
             "dry_run": dry_run,
             "deleted": [o.key for o in orphans],
-            "freed_bytes": sum(o.size for o in orphans),
+            "temporaries": [t.key for t in temporaries],
+            "freed_bytes": sum(o.size for o in [*orphans, *temporaries]),
             "referenced": len(referenced),
         }
+
+    def _delete_orphan(self, key: str) -> bool:
+        """Delete ``key`` under a gc lease when nothing references or leases it."""
+        lease = leases.claim_for_gc(self.session, key)
+        if lease is None:
+            return False
+        crash_point("gc.claimed")
+        try:
+            if not leases.gc_may_delete(self.session, key, lease):
+                return False
+            self.store.delete(key)
+            crash_point("gc.deleted")
+        finally:
+            leases.release(self.session, lease)
+        return True
 
 
 # ---- helpers ----------------------------------------------------------------------------
 def _load_for(
     path: Path, model: ModelInfo, resolution: Resolution | None, steps: int | None
 ) -> tuple[CachePlan, dict[str, Any]]:
-    """Read a plan file for ``model``: imported reference plans take the model's identity."""
-    try:
-        document = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise InvalidInput(f"cannot read plan {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"{path}: not valid JSON: {exc}") from None
+    """Read a plan file for ``model``: imported reference plans take the model's identity.
+
+    The file is read bounded (see :func:`registry.validation.read_plan_file`) and its target
+    made canonical, so that equal targets are one target whatever the JSON spelled.
+    """
+    document = parse_json(read_plan_file(path), str(path))
     imported = is_official(document)
     overrides: dict[str, Any] = {}
     if imported:
@@ -578,9 +711,14 @@ def _load_for(
         if resolution is not None:
             overrides.update(height=resolution.height, width=resolution.width)
     try:
-        plan = load_plan(path, **overrides)
-    except PlanError as exc:
-        raise InvalidInput(str(exc).splitlines()[0]) from None
+        if imported:
+            plan = from_official(document, name=path.stem, **overrides)
+        else:
+            plan = CachePlan.from_json(document)
+    except (PlanError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"{path}: {detail}") from None
+    plan = _canonical(plan, path)
     target = plan.target
     if plan.arch != model.arch:
         raise InvalidInput(
@@ -604,8 +742,6 @@ def _load_for(
                 f"{model.revision}: recalibrate against that revision, or set the plan's "
                 f"target.revision to {model.revision} if it was calibrated on it"
             )
-    if target.guidance is not None and not math.isfinite(target.guidance):
-        raise InvalidInput(f"{path.name} records a non-finite guidance ({target.guidance})")
     if target.height is None or target.width is None:
         raise InvalidInput(f"{path.name} records no resolution; publish needs one")
     recorded = Resolution(width=target.width, height=target.height)
@@ -623,6 +759,38 @@ def _load_for(
         "invardiff_version": __version__,
     }
     return plan, lineage
+
+
+def _canonical(plan: CachePlan, path: Path) -> CachePlan:
+    """The plan with a validated, canonical target (``1024.0`` -> ``1024``); refuses bad values."""
+    target = plan.target
+    try:
+        check_text(target.model_id, "target.model_id", 512)
+        values = check_settings(
+            {name: getattr(target, name) for name in ("revision", *_TARGET_SETTINGS)}
+        )
+        if not isinstance(plan.calibration, dict) or not isinstance(plan.extras, dict):
+            raise InvalidInput("calibration and extras must be JSON objects")
+        job_key = plan.calibration.get("job_key")
+        if job_key is not None:
+            check_text(job_key, "calibration.job_key", 64)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path.name}: {exc}") from None
+    plan = replace(plan, target=replace(target, **values))
+    try:
+        plan.to_bytes()
+    except (ValueError, TypeError) as exc:  # e.g. a timestep written as "inf"
+        raise InvalidInput(f"{path.name}: cannot be stored as canonical JSON: {exc}") from None
+    return plan
+
+
+def _plan_target_key(model: ModelInfo, plan: CachePlan) -> TargetKey:
+    """The validated, canonical matching key of ``plan`` published for ``model``."""
+    settings = {name: getattr(plan.target, name) for name in _TARGET_SETTINGS}
+    values = check_target(
+        {"source": model.source, "revision": model.revision, **settings, "steps": plan.steps}
+    )
+    return TargetKey(**values)
 
 
 def _user() -> str:

@@ -19,6 +19,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import IntegrityFailure, InvalidInput, NotFound, Unreachable
+from .faults import crash_point
+from .timeouts import s3_attempts, s3_timeout
+
+TEMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -54,15 +58,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
-        """Write ``data`` unless ``key`` exists (write-once); True when this call wrote it.
-
-        When the object exists, its modification time is refreshed where the store allows it,
-        so that ``gc`` does not take a blob a publish is about to reference for an old orphan.
-        """
+        """Write ``data`` unless ``key`` exists (write-once); True when this call wrote it."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
-        """Write or replace ``key`` atomically (index objects only)."""
+        """Write or replace ``key`` atomically (indexes, and the repair of a damaged blob)."""
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -80,18 +80,48 @@ class ObjectStore(ABC):
         """A time-limited GET URL for ``key`` (S3 only)."""
         raise InvalidInput(f"presigned URLs need an S3 store, not {self.url}")
 
+    def remove_temporaries(self, cutoff: datetime, dry_run: bool) -> list[ObjectInfo]:
+        """Temporary files of killed writers last modified before ``cutoff``, removed.
+
+        Only a local store has them (an S3 ``PutObject`` is all or nothing).
+        """
+        return []
+
+
+class MissingObject(IntegrityFailure):
+    """An object the registry records is not in the store (exit 4, like a corrupt one)."""
+
 
 def blob_key(sha256: str) -> str:
     """The object key of a plan: derived from its sha256."""
     return f"plans/sha256/{sha256[:2]}/{sha256}.json"
 
 
-def put_blob(store: ObjectStore, data: bytes) -> BlobRef:
-    """Store ``data`` content-addressed and write-once; return its reference."""
+def blob_ref(data: bytes) -> BlobRef:
+    """Where ``data`` is stored content-addressed, and what it must hash to."""
     sha256 = hashlib.sha256(data).hexdigest()
-    ref = BlobRef(key=blob_key(sha256), sha256=sha256, size=len(data))
-    store.put_new(ref.key, data, sha256)
-    return ref
+    return BlobRef(key=blob_key(sha256), sha256=sha256, size=len(data))
+
+
+def put_blob(store: ObjectStore, data: bytes) -> BlobRef:
+    """Store ``data`` write-once at its :func:`blob_key`; return its reference.
+
+    A copy already there is read back and checked: a damaged one (wrong sha256 or size) is
+    replaced, so that a publish never registers a version over corrupt bytes.
+    """
+    ref = blob_ref(data)
+    sha256 = ref.sha256
+    for _ in range(3):
+        try:
+            existing = store.get(ref.key)
+        except NotFound:
+            if store.put_new(ref.key, data, sha256):
+                return ref
+            continue  # written concurrently: check that copy
+        if not intact(existing, sha256, ref.size):
+            store.put(ref.key, data)  # repair
+        return ref
+    raise Unreachable(f"store {store.url}: {ref.key} kept appearing and disappearing")
 
 
 def intact(data: bytes, sha256: str, size: int) -> bool:
@@ -111,8 +141,29 @@ def verify_bytes(data: bytes, sha256: str, size: int, where: str) -> bytes:
 
 
 def get_blob(store: ObjectStore, ref: BlobRef) -> bytes:
-    """Read a blob and check its sha256 and size."""
-    return verify_bytes(store.get(ref.key), ref.sha256, ref.size, f"{store.url}/{ref.key}")
+    """Read a blob and check its sha256 and size; a missing one is :class:`MissingObject`."""
+    try:
+        data = store.get(ref.key)
+    except NotFound:
+        raise MissingObject(
+            f"plan {ref.sha256[:12]} is recorded but its object {ref.key} is missing "
+            f"from store {store.url}"
+        ) from None
+    return verify_bytes(data, ref.sha256, ref.size, f"{store.url}/{ref.key}")
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: what ``open()`` would give a new file."""
+    try:  # Linux: read it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_temp(path: Path, data: bytes, where: str) -> Path:
@@ -124,8 +175,9 @@ def write_temp(path: Path, data: bytes, where: str) -> Path:
     temp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _file_mode())  # mkstemp makes 0600: respect the umask
             handle.write(data)
         return Path(temp)
     except OSError as exc:
@@ -188,26 +240,16 @@ class LocalStore(ObjectStore):
         if not os.access(existing, os.W_OK | os.X_OK):
             raise self._unwritable(PermissionError(13, os.strerror(13)))
 
-    def _touch(self, path: Path) -> bool:
-        """Refresh an existing object's mtime (see :meth:`ObjectStore.put_new`); False if absent."""
-        try:
-            os.utime(path)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise self._unwritable(exc) from None
-
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
         path = self._path(key)
-        if self._touch(path):
+        if path.exists():
             return False
         temp = write_temp(path, data, f"store {self.url}")
+        crash_point("store.temp")
         try:
             os.link(temp, path)
             return True
         except FileExistsError:
-            self._touch(path)
             return False
         except OSError as exc:
             raise self._unwritable(exc) from None
@@ -243,6 +285,25 @@ class LocalStore(ObjectStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def remove_temporaries(self, cutoff: datetime, dry_run: bool) -> list[ObjectInfo]:
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            try:
+                stat = path.stat()
+                modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc)
+                if path.is_file() and modified <= cutoff:
+                    if not dry_run:
+                        path.unlink()
+                    key = path.relative_to(self.root).as_posix()
+                    removed.append(ObjectInfo(key, stat.st_size, modified))
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+            except OSError as exc:
+                raise self._unwritable(exc) from None
+        return removed
+
 
 class _Precondition(Exception):
     """A conditional S3 write did not apply (412: exists; 409: concurrent write)."""
@@ -262,8 +323,11 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
+        timeout = s3_timeout()
         boto_config = BotoConfig(
-            connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"total_max_attempts": s3_attempts(), "mode": "standard"},
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=boto_config)
 
@@ -323,8 +387,16 @@ class S3Store(ObjectStore):
         raise Unreachable(f"store {self.url}: concurrent writes to {key} kept conflicting")
 
     def put(self, key: str, data: bytes) -> None:
+        from base64 import b64encode
+
+        checksum = b64encode(hashlib.sha256(data).digest()).decode()
         self._call(
-            "put_object", key, Key=self.prefix + key, Body=data, ContentType="application/json"
+            "put_object",
+            key,
+            Key=self.prefix + key,
+            Body=data,
+            ContentType="application/json",
+            ChecksumSHA256=checksum,
         )
 
     def get(self, key: str) -> bytes:

@@ -62,6 +62,7 @@ def assert_matches_reference(pipe, arch, calls, preset):
     assert np.array_equal(plan.step_gate, step.numpy())
     for kind, flags in books.items():
         assert np.array_equal(plan.modules[kind], flags.numpy()), kind
+    print(f"tiny {arch} {preset}: {free_module_flags(plan, params.nonskip)} (free module flags, set)")
     return plan
 
 
@@ -152,3 +153,120 @@ def test_bad_calibration_input_is_refused(dit_pipe):
         calibrate(dit_pipe, [DIT_CALLS[0], {**DIT_CALLS[1], "num_inference_steps": 10}])
     with pytest.raises(ValueError, match="has no 'seed'"):
         calibrate(dit_pipe, [{"class_labels": [1], "num_inference_steps": 10}])
+
+
+# ---- agreement on the trained built-in models, where many module flags are free -----------
+def free_module_flags(plan, nonskip: float) -> tuple[int, int]:
+    """(free flags, of which set): module flags on computed steps that no rule fixes.
+
+    Fixed are: the warm-up prefix, the last step, skipped steps (all reused) and the step
+    after a skipped one (all recomputed). Only free flags test the module thresholds.
+    """
+    gate = plan.step_gate
+    warmup = max(1, int(nonskip * plan.steps))
+    steps = [i for i in range(warmup, plan.steps - 1) if not gate[i] and not gate[i - 1]]
+    free = sum(len(steps) * flags.shape[1] for flags in plan.modules.values())
+    set_ = sum(int(flags[steps].sum()) for flags in plan.modules.values())
+    return free, set_
+
+
+def longest_unexecuted_run(plan) -> int:
+    """Most consecutive steps any module goes without running (skipped steps included)."""
+    flags = {k: v.copy() for k, v in plan.modules.items()}
+    if plan.arch == "flux":  # the joint attention runs unless both halves are flagged
+        flags["attn"] = flags["context_attn"] = flags["attn"] & flags["context_attn"]
+    longest = 0
+    for f in flags.values():
+        idle = f | plan.step_gate[:, None]
+        run = np.zeros(idle.shape[1], int)
+        for row in idle:
+            run = np.where(row, run + 1, 0)
+            longest = max(longest, int(run.max()))
+    return longest
+
+
+class BuiltinCalibration:
+    """One built-in model's calls, features and phase-1 statistics, shared by several settings."""
+
+    def __init__(self, name: str, calls: list[dict]) -> None:
+        from invardiff.models import load_builtin
+
+        self.pipe = load_builtin(name)
+        self.arch = "dit" if name.endswith("dit") else "flux"
+        self.calls = calls
+        self.features = [record_full_trajectory(self.pipe, self.arch, c) for c in calls]
+        self._phase1: dict[str, list[TrajectoryStats]] = {}
+        self._plans: dict[str, object] = {}
+
+    def plan(self, params: CalibrationParams):
+        """The engine's plan, through the fleet API (phase 1 shared per flag index)."""
+        key = str(params.to_json())
+        if key not in self._plans:
+            self._plans[key] = self._calibrate(params)
+        return self._plans[key]
+
+    def _calibrate(self, params: CalibrationParams):
+        run, t, steps = pipeline_runner(self.pipe), self.pipe.transformer, self.calls[0]["num_inference_steps"]
+        if params.flag_index not in self._phase1:
+            self._phase1[params.flag_index] = [trajectory_stats(t, run, c, i, steps, params)
+                                               for i, c in enumerate(self.calls)]  # fmt: skip
+        phase1 = self._phase1[params.flag_index]
+        provisional = provisional_flags(merge_scores(phase1), params)
+        phase2 = [trajectory_stats(t, run, c, i, steps, params, provisional=provisional)
+                  for i, c in enumerate(self.calls)]  # fmt: skip
+        return build_plan(self.pipe, self.calls, params, phase1, phase2)
+
+    def reference(self, params: CalibrationParams):
+        return reference_calibrator.calibrate(
+            self.features, self.arch, params.nonskip, params.q_step, params.q, flag_index=params.flag_index,
+            correct_flux_step_gate=params.correct_flux_step_gate, max_consecutive=params.max_consecutive,
+        )
+
+
+@pytest.fixture(scope="module")
+def digits(request):
+    from invardiff.cli import calibration_calls
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = BuiltinCalibration(name, calibration_calls(name, 2, guidance=1.5))
+        return made[name]
+
+    return get
+
+
+# Quantile settings that leave many module flags free: few skipped steps, module q near 0.5.
+BUILTIN_SETTINGS = [
+    ("digits-dit", {"q_step": 0.2, "q_attn": 0.5, "q_mlp": 0.5}),
+    ("digits-dit", {"q_step": 0.2, "q_attn": 0.5, "q_mlp": 0.5, "flag_index": "aligned"}),
+    ("digits-dit", {"q_step": 0.4, "q_attn": 0.6, "q_mlp": 0.6, "max_consecutive": 2}),
+    ("digits-flux", {"q_step": 0.5, "q_attn": 0.5, "q_ff": 0.5, "q_context_ff": 0.4, "q_single_attn": 0.5,
+                     "q_single_mlp": 0.5}),
+    ("digits-flux", {"q_step": 0.5, "q_attn": 0.5, "q_ff": 0.5, "q_context_ff": 0.4, "q_single_attn": 0.5,
+                     "q_single_mlp": 0.5, "correct_flux_step_gate": True}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,settings", BUILTIN_SETTINGS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={v}" for k, v in v.items() if not k.startswith("q_")) or "plain")
+def test_builtin_model_calibration_matches_the_reference_calibrator_on_free_flags(digits, name, settings):
+    model = digits(name)
+    params = CalibrationParams.resolve(model.arch, "slow" if model.arch == "flux" else "fast", **settings)
+    plan = model.plan(params)
+    step, books = model.reference(params)
+    assert np.array_equal(plan.step_gate, step.numpy())
+    for kind, flags in books.items():
+        assert np.array_equal(plan.modules[kind], flags.numpy()), kind
+    free, set_ = free_module_flags(plan, params.nonskip)
+    print(f"{name} {settings}: {free} free module flags compared, {set_} of them set; "
+          f"{int(plan.step_gate.sum())} skipped steps")
+    assert free >= 100 and 0.1 * free < set_ < 0.9 * free  # the module thresholds decide many flags
+    if params.max_consecutive is not None:
+        assert longest_unexecuted_run(plan) <= params.max_consecutive
+    if params.correct_flux_step_gate or params.flag_index == "aligned":  # the option changes the plan
+        default = model.plan(CalibrationParams.resolve(model.arch, "slow" if model.arch == "flux" else "fast",
+                                                       **{k: v for k, v in settings.items()
+                                                          if k not in ("correct_flux_step_gate", "flag_index")}))
+        assert default.to_bytes() != plan.to_bytes()

@@ -122,3 +122,73 @@ def test_hold_after_keeps_exactly_what_is_reused_later():
     assert hold["attn"][:, 1].tolist() == [True, False, False, False, False, False, False, False]
     assert hold["attn"][:, 0].tolist() == [False, False, False, False, False, False, True, False]
     assert hold["mlp"].sum() == 0
+
+
+def test_every_field_of_a_plan_is_part_of_its_identity():
+    from dataclasses import fields, replace
+
+    from invardiff import Geometry
+
+    base = replace(small_plan(), geometry=Geometry(dim=8, tokens=4), calibration={"q": 0.5}, extras={"e": 1})
+    target_changes = {
+        "model_id": "other", "revision": "abc", "pipeline": "P", "scheduler": "S", "scheduler_config_hash": "00",
+        "timesteps": tuple(float(t) for t in range(801, 1, -100)), "height": 64, "width": 64, "guidance": 4.0,
+        "dtype": "bfloat16",
+    }  # fmt: skip
+    # steps is the flags' length, validated against them: it cannot change alone
+    assert set(target_changes) | {"steps"} == {f.name for f in fields(PlanTarget)}, "a new target field: add it here"
+    geometry_changes = {"dim": 16, "tokens": 8, "context_tokens": 2, "mlp_ratio": 2.0}
+    assert set(geometry_changes) == {f.name for f in fields(Geometry)}
+    mlp = base.modules["mlp"].copy()
+    mlp[3, 1] = True
+    variants = {f"target.{k}": replace(base, target=replace(base.target, **{k: v})) for k, v in target_changes.items()}
+    variants |= {f"geometry.{k}": replace(base, geometry=replace(base.geometry, **{k: v}))
+                 for k, v in geometry_changes.items()}  # fmt: skip
+    variants |= {
+        "geometry": replace(base, geometry=None),
+        "step_gate": base.with_flags(np.roll(base.step_gate, 1), base.modules),
+        "modules": base.with_flags(base.step_gate, {**base.modules, "mlp": mlp}),
+        "calibration": replace(base, calibration={"q": 0.6}),
+        "extras": replace(base, extras={"e": 2}),
+    }
+    identities = {name: plan.sha256 for name, plan in variants.items()}
+    assert base.sha256 not in identities.values()
+    assert len(set(identities.values())) == len(identities)  # every change is its own plan
+    for name, plan in variants.items():  # and survives the round trip through its bytes
+        assert CachePlan.from_bytes(plan.to_bytes()).sha256 == identities[name], name
+
+
+def _preset_values_from_file_name(name: str) -> dict[str, float]:
+    """The reference file names spell their settings: n (nonskip), th/sth (q_step), msa/attn, ..."""
+    keys = {"n": "nonskip", "th": "q_step", "sth": "q_step", "msa": "q_attn", "mlp": "q_mlp", "attn": "q_attn",
+            "ff": "q_ff", "ctxff": "q_context_ff", "sattn": "q_single_attn", "smlp": "q_single_mlp"}  # fmt: skip
+    values = {}
+    for part in name.removesuffix(".json").split("_"):
+        letters = part.rstrip("0123456789.")
+        if letters in keys and part != letters:
+            values[keys[letters]] = float(part[len(letters):])
+    return values
+
+
+# ALGORITHM.md §6 and the reference plans' file names: which file is which preset.
+PRESET_FILES = {
+    ("dit", "fast"): "dit_cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json",
+    ("dit", "slow"): "dit_cache_books_stp50_n0.0_sth0.61_msa0.2_mlp0.2.json",
+    ("flux", "fast"): "flux_cache_books_stp28_n0.1_th0.7_attn0.68_ff0.68_ctxff0.68_sattn0.68_smlp0.68.json",
+    ("flux", "slow"): "flux_cache_books_stp28_n0.22_th0.72_attn0.68_ff0.66_ctxff0_sattn0.68_smlp0.62.json",
+}
+
+
+@pytest.mark.parametrize("arch,preset", list(PRESET_FILES))
+def test_presets_are_the_reference_settings(arch, preset):
+    from invardiff import CalibrationParams
+
+    name = PRESET_FILES[(arch, preset)]
+    assert any(p.name == name for p in official_plan_files(arch))
+    expected = _preset_values_from_file_name(name)
+    params = CalibrationParams.resolve(arch, preset)
+    assert params.nonskip == expected.pop("nonskip") and params.q_step == expected.pop("q_step")
+    assert {f"q_{k}": v for k, v in params.q.items() if k != "context_attn"} == expected
+    assert params.q.get("context_attn", params.q["attn"]) == params.q["attn"]  # one joint attention, one quantile
+    if arch == "flux":  # context_attn follows attn (and nothing else), also when attn is overridden
+        assert CalibrationParams.resolve(arch, preset, q_attn=0.31).q == {**params.q, "attn": 0.31, "context_attn": 0.31}

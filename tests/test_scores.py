@@ -87,3 +87,11 @@ def test_cap_runs_limits_consecutive_reuse_per_column():
     flags = torch.tensor([[True, False]] * 7)
     assert cap_runs(flags, 2)[:, 0].tolist() == [True, True, False, True, True, False, True]
     assert torch.equal(cap_runs(flags, None), flags)
+
+
+def test_cap_runs_counts_skipped_steps_and_cuts_at_a_computed_one():
+    skipped = torch.tensor([0, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
+    flags = torch.tensor([[0, 1, 1, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1, 1]], dtype=torch.bool).T
+    capped = cap_runs(flags, 2, skipped=skipped)
+    assert capped[:, 0].tolist() == [False, False, True, True, False, False, True]
+    assert capped[:, 1].tolist() == [False, False, True, False, False, True, True]

@@ -159,6 +159,8 @@ class DigitsFluxPipeline(DiffusionPipeline):
     conditional rows first, then the null class.
     """
 
+    resolution = IMAGE_SIZE  # images are always 16x16 (recorded in calibrated plans' targets)
+
     def __init__(
         self,
         transformer: FluxTransformer2DModel,

@@ -254,7 +254,7 @@ def test_python_client_returns_a_cache_plan(registry: Registry, config):
 def test_verify_and_gc(registry: Registry):
     result = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
     registry.store.put_new("plans/sha256/00/orphan.json", b"orphan", "0" * 64)
-    assert registry.verify() == {"checked": 1, "ok": 1, "failures": []}
+    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 3, "failures": []}
     assert (
         registry.gc(timedelta(hours=1))["deleted"] == []
     )  # too young: may be an in-flight publish
@@ -269,22 +269,20 @@ def test_verify_and_gc(registry: Registry):
     assert registry.verify()["failures"][0]["problem"] == "missing"
 
 
-def test_republishing_stored_bytes_protects_them_from_gc(registry: Registry):
-    """A local put_new of bytes already stored refreshes their age (gc's in-flight guard)."""
-    import os
-    import time
+def test_a_publish_lease_protects_its_object_from_gc(registry: Registry):
+    """An object a publish has leased (written, not yet committed) is not gc's to delete."""
+    from registry import leases
 
     data = load_plan(
         FLUX_PLANS[0], model_id="black-forest-labs/FLUX.1-dev", revision="0123abc"
     ).to_bytes()
     orphan = put_blob(registry.store, data)  # e.g. left by a publish that failed to commit
-    path = registry.store.root / orphan.key
-    old = time.time() - 7200
-    os.utime(path, (old, old))
-    assert registry.gc(timedelta(hours=1), dry_run=True)["deleted"] == [orphan.key]
-    assert put_blob(registry.store, data) == orphan  # what a new publish does first
-    assert registry.gc(timedelta(hours=1))["deleted"] == []
+    assert registry.gc(timedelta(0), dry_run=True)["deleted"] == [orphan.key]
+    lease = leases.begin_publish(registry.session, orphan.key)  # what a new publish does first
+    assert registry.gc(timedelta(0))["deleted"] == []
+    leases.release(registry.session, lease)
     assert registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024")).created
+    assert registry.gc(timedelta(0))["deleted"] == []
     assert registry.verify()["failures"] == []
 
 
@@ -313,7 +311,7 @@ def test_gc_rechecks_each_object_before_deleting_it(store_kind, config, request)
     registry.store.list = list_then_publish
     assert registry.gc(timedelta(0))["deleted"] == []
     registry.store.list = listing
-    assert registry.verify() == {"checked": 1, "ok": 1, "failures": []}
+    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 3, "failures": []}
     assert [o.key for o in registry.store.list("plans/")] == [orphan.key]
 
 

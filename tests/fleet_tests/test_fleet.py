@@ -1,0 +1,199 @@
+"""The calibration fleet on a real local Ray with the built-in digits-flux model.
+
+Every job here calibrates the same request (4 trajectories), whose plan bytes are computed
+once in-process with ``invardiff.calibrate`` as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fleet_helpers import cli_process, finish, open_registry, wait_for_line
+
+from registry.cli import main
+from registry.service import BUILTIN_MODELS
+from registry.store import blob_key
+from workers.driver import RunOptions, submit
+from workers.errors import QUALITY_GATE
+from workers.request import build_request
+
+TRAJECTORIES = 4
+FLUX = next(m for m in BUILTIN_MODELS if m.name == "digits-flux")
+CLI_ARGS = ["calibrate", "digits-flux", "16", "--trajectories", str(TRAJECTORIES), "--json"]
+
+
+@pytest.fixture(scope="module")
+def request_():
+    return build_request(FLUX, trajectories=TRAJECTORIES, validate=0)
+
+
+@pytest.fixture(scope="module")
+def reference(request_) -> bytes:
+    """The plan bytes of the request calibrated in this process, without Ray."""
+    import torch
+
+    from invardiff import calibrate
+
+    torch.set_num_threads(1)  # as in the actors; more threads than free cores crawl here
+    from invardiff.models import load_builtin
+
+    pipe = load_builtin("digits-flux")
+    pipe.set_progress_bar_config(disable=True)
+    plan = calibrate(pipe, request_.calls, "fast", model_id=FLUX.source)
+    target = replace(plan.target, height=16, width=16)
+    calibration = {**plan.calibration, "job_key": request_.job_key, "prompts_sha256": None}
+    return replace(plan, target=target, calibration=calibration).to_bytes()
+
+
+def _shards(registry, job_key: str, phase: int) -> int:
+    return len(list(registry.store.list(f"jobs/{job_key}/phase-{phase}/")))
+
+
+def test_bytes_identical_with_1_2_3_workers_any_order_and_a_killed_worker(
+    ray_address, tmp_path, request_, reference
+):
+    for workers, shuffle, kill in [(1, None, True), (2, 7, False), (3, 3, False)]:
+        registry = open_registry(tmp_path / f"home-{workers}", create=True)
+        registry.init()
+        killed: list[int] = []
+
+        def on_shard(phase: int, result: dict, kill: bool = kill, killed: list = killed) -> None:
+            if kill and phase == 1 and not killed:  # mid-phase: 3 shards still to go
+                os.kill(result["pid"], signal.SIGKILL)
+                killed.append(result["pid"])
+
+        options = RunOptions(
+            workers=workers, cpus_per_worker=0.5, shuffle=shuffle, on_shard=on_shard
+        )
+        result = submit(registry, request_, options)
+        assert result.created and result.status == "succeeded" and len(result.workers) == workers
+        assert registry.store.get(blob_key(result.sha256)) == reference, f"{workers} workers"
+        assert result.phases["phase-1"]["computed"] == result.phases["phase-2"]["computed"] == 4
+        if kill:  # the only worker died mid-phase: Ray restarted it and the job completed
+            assert result.worker_restarts >= 1 and result.workers[0]["pid"] != killed[0]
+
+
+def test_a_killed_driver_is_resumed_computing_only_the_missing_shards(
+    ray_address, home, request_, reference
+):
+    home = home.parent / "fresh-home"  # nothing there: the first driver creates the registry
+    args = [*CLI_ARGS, "--workers", "1", "--validate", "0", "--ray-address", ray_address]
+    first = cli_process(home, *args, lease=2)
+    first_lines = wait_for_line(first, "phase 2: 1/4 trajectories")
+    assert any("creating the embedded registry" in line for line in first_lines)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    registry = open_registry(home)
+    stored = _shards(registry, request_.job_key, 1), _shards(registry, request_.job_key, 2)
+    assert stored[0] == 4 and 1 <= stored[1] < 4
+    from registry.jobs import get_job
+
+    assert get_job(registry, request_.job_key).status == "running"  # its lease runs out
+    code, result, err = finish(cli_process(home, *args, lease=2))
+    assert code == 0, err
+    assert result["created"] and result["attempts"] == 2
+    assert result["phases"]["phase-1"] == {
+        **result["phases"]["phase-1"],
+        "computed": 0,
+        "reused": 4,
+    }
+    assert result["phases"]["phase-2"]["computed"] == 4 - stored[1]
+    assert result["phases"]["phase-2"]["reused"] == stored[1]
+    assert registry.store.get(blob_key(result["sha256"])) == reference
+
+
+def test_racing_drivers_compute_once_then_gate_promote_report_and_idempotency(
+    ray_address, home, tmp_path, request_, reference
+):
+    args = [*CLI_ARGS, "--workers", "1", "--validate", "4", "--repeats", "1"]
+    racers = [
+        cli_process(home, *args, "--min-psnr", "200", "--ray-address", ray_address)
+        for _ in range(2)
+    ]
+    outcomes = [finish(p) for p in racers]
+    assert [code for code, _, _ in outcomes] == [QUALITY_GATE] * 2, outcomes
+    assert sorted(result["created"] for _, result, _ in outcomes) == [False, True]
+    for _, result, err in outcomes:
+        assert not result["gate"]["passed"] and result["promoted"] is None
+        assert "quality gate failed" in err.strip().splitlines()[-1]
+    registry = open_registry(home)
+    job = registry.show(outcomes[0][1]["sha256"])
+    assert job["metrics"]["validation"]["samples"] == 4 and job["metrics"]["ideal_speedup"] > 1
+    assert {"measured_speedup", "psnr_db", "ssim"} <= set(job["metrics"])
+    assert (
+        registry.store.get(blob_key(job["sha256"])) == reference
+    )  # validation never changes bytes
+
+    runner = CliRunner()
+    report = tmp_path / "report"
+    again = runner.invoke(
+        main, [*args, "--min-psnr", "10", "--promote", "production", "--report", str(report)]
+    )
+    assert again.exit_code == 0, again.stderr
+    data = json.loads(again.stdout)
+    assert not data["created"] and data["promoted"] == "production" and data["attempts"] == 1
+    assert (report / "validation.png").stat().st_size > 0 and (
+        report / "plan.png"
+    ).stat().st_size > 0
+    assert json.loads((report / "result.json").read_text())["sha256"] == data["sha256"]
+    listed = json.loads(runner.invoke(main, ["list", "--json"]).stdout)
+    assert listed[0]["metrics"]["measured_speedup"] == data["metrics"]["measured_speedup"]
+    assert listed[0]["aliases"] == ["production"]
+    jobs = json.loads(
+        runner.invoke(main, ["jobs", "list", "--status", "succeeded", "--json"]).stdout
+    )
+    assert [j["job_key"] for j in jobs] == [request_.job_key]
+    shown = json.loads(
+        runner.invoke(main, ["jobs", "show", request_.job_key[:10], "--json"]).stdout
+    )
+    assert (
+        shown["result"]["version"] == 1 and shown["request"]["calls"] == request_.to_json()["calls"]
+    )
+    assert shown["progress"]["phase-2"]["done"] == TRAJECTORIES
+
+
+def _no_trace(home: Path) -> None:
+    registry = open_registry(home)
+    from registry.jobs import list_jobs
+
+    assert list_jobs(registry) == [] and registry.versions() == []
+    assert list(registry.store.list("jobs/")) == []
+
+
+def test_bad_input_is_one_line_with_its_exit_code_and_leaves_nothing(home, tmp_path, free_port):
+    runner = CliRunner()
+    base = ["calibrate", "digits-flux", "16", "--trajectories", "2"]
+    cases = [
+        (["calibrate", "no-such-model", "16"], 3, "unknown model"),
+        (["calibrate", "digits-flux", "32"], 2, "only makes 16x16"),
+        ([*base, "--q-step", "1.5"], 2, "q_step must be within [0, 1]"),
+        ([*base, "--q-mlp", "0.5"], 2, "unknown calibration parameter"),
+        ([*base, "--prompts", str(tmp_path / "none.txt")], 2, "--prompts does not apply"),
+        ([*base, "--validate", "0", "--min-psnr", "30"], 2, "need validation samples"),
+        ([*base, "--ray-address", f"127.0.0.1:{free_port}"], 5, "cannot reach the Ray cluster"),
+        ([*base, "--set", "nonsense"], 2, "expected KEY=VALUE"),
+        # without invardiff.budget: refused; with it: quantiles do not apply to a budget
+        ([*base, "--target-speedup", "2", "--q-step", "0.5"], 2, "budget"),
+    ]
+    for args, code, message in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == code, (args, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr
+        )
+    _no_trace(home)
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,237 @@
+"""The calibration worker: one per accelerator, loads the pipeline once, computes shards.
+
+:class:`CalibrationWorker` is a plain class (usable in-process by benchmarks); the driver
+wraps it with ``ray.remote`` (:func:`remote_worker`). Every method is idempotent, so Ray's
+at-least-once retries are harmless: a shard already in the store is not computed again, and
+a duplicate write of the same key is refused by the store's write-once ``put_new``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from dataclasses import replace
+from typing import Any
+
+from registry.errors import NotFound
+from registry.service import checkpoint_id
+from registry.store import open_store
+
+from .pipelines import load_pipeline
+from .request import CalibrationRequest, library_versions
+
+# A restarted actor reloads the pipeline; the driver re-queues the shard it was running.
+MAX_RESTARTS = 4
+
+
+def encode_flags(flags: dict[str, Any]) -> bytes:
+    """Provisional flags as safetensors bytes (what the driver broadcasts; no pickle)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in flags.items()})
+
+
+def decode_flags(data: bytes) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def batched_call(calls: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+    """One pipeline call for several single-condition calls (and their seeds)."""
+    merged: dict[str, Any] = {
+        k: v for k, v in calls[0].items() if k not in ("seed", "prompt", "class_labels")
+    }
+    if "prompt" in calls[0]:
+        merged["prompt"] = [c["prompt"] for c in calls]
+    else:
+        merged["class_labels"] = [label for c in calls for label in c["class_labels"]]
+    return merged, [int(c["seed"]) for c in calls]
+
+
+class CalibrationWorker:
+    """Holds one pipeline; computes trajectory statistics, builds and validates plans."""
+
+    def __init__(
+        self,
+        request: dict[str, Any],
+        job_key: str,
+        store_url: str,
+        s3_endpoint_url: str | None = None,
+    ):
+        import torch
+
+        from invardiff.calibration import CalibrationParams, pipeline_runner
+
+        started = time.perf_counter()
+        self.request = CalibrationRequest.from_json(request)
+        if self.request.job_key != job_key:  # driver and worker run different fleet code
+            raise RuntimeError(
+                f"this worker derives job key {self.request.job_key[:12]}, not {job_key[:12]}"
+            )
+        here = library_versions()
+        if here != self.request.versions:
+            raise RuntimeError(
+                f"worker libraries {here} differ from the request's {self.request.versions}"
+            )
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(
+            self.request.source, self.request.revision, self.request.dtype, self.device
+        )
+        self.transformer = self.pipe.transformer
+        self.runner = pipeline_runner(self.pipe)
+        self.params = CalibrationParams(**self.request.params)
+        self.store = open_store(store_url, s3_endpoint_url)
+        self.load_seconds = time.perf_counter() - started
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs and how long loading took."""
+        return {
+            "node": _node_id(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": self.device,
+            "load_s": round(self.load_seconds, 3),
+        }
+
+    def _stored(self, key: str) -> bool:
+        try:
+            self.store.get(key)
+            return True
+        except NotFound:
+            return False
+
+    def run_shard(self, phase: int, index: int, provisional: bytes | None = None) -> dict[str, Any]:
+        """Compute trajectory ``index`` of ``phase`` into the store unless it is already there."""
+        from invardiff.calibration import trajectory_stats
+
+        key = self.request.shard_key(phase, index)
+        if self._stored(key):
+            return {"index": index, "computed": False, "seconds": 0.0, "pid": os.getpid()}
+        started = time.perf_counter()
+        flags = decode_flags(provisional) if provisional is not None else None
+        call = self.request.calls[index]
+        stats = trajectory_stats(
+            self.transformer, self.runner, call, index, self.request.steps, self.params, flags
+        )
+        data = stats.to_bytes()
+        self.store.put_new(key, data, hashlib.sha256(data).hexdigest())
+        seconds = time.perf_counter() - started
+        return {"index": index, "computed": True, "seconds": seconds, "pid": os.getpid()}
+
+    def build(self, phase1: list[bytes], phase2: list[bytes]) -> bytes:
+        """The plan's canonical bytes from both phases' statistics (merged in index order)."""
+        from invardiff.calibration import TrajectoryStats, build_plan
+
+        first = [TrajectoryStats.from_bytes(b) for b in phase1]
+        second = [TrajectoryStats.from_bytes(b) for b in phase2]
+        request = self.request
+        plan = build_plan(self.pipe, request.calls, self.params, first, second,
+                          model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
+        return self._finish(plan)
+
+    def build_budget(self, phase1: list[bytes]) -> bytes:
+        """A budget-targeted plan (``invardiff.budget``) from the phase-1 statistics.
+
+        Candidates are measured on held-out calls (the calibration calls with fresh seeds).
+        """
+        from invardiff.budget import budget_plan
+        from invardiff.holdout import check_disjoint, holdout_calls, holdout_measure
+        from invardiff.targeted import template_plan
+
+        from invardiff.calibration import TrajectoryStats, _jsonable, merge_scores, provenance
+
+        request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
+        held = holdout_calls(request.calls)
+        check_disjoint(request.calls, held)
+        template = template_plan(self.pipe, request.calls, stats,
+                                 model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
+        record = {**provenance(request.calls, self.params), "params": {"flag_index": self.params.flag_index},
+                  "holdout": _jsonable(held)}  # fmt: skip
+        plan = budget_plan(template, merge_scores(stats), **request.budget,
+                           measure=holdout_measure(self.pipe, held), flag_index=self.params.flag_index,
+                           provenance=record)  # fmt: skip
+        return self._finish(plan)
+
+    def _finish(self, plan) -> bytes:
+        """The request's resolution and identity recorded in the plan; its canonical bytes."""
+        request = self.request
+        target = replace(plan.target, height=request.height, width=request.width)
+        calibration = {
+            **plan.calibration,
+            "job_key": request.job_key,
+            "prompts_sha256": request.prompts_sha256,
+        }
+        return replace(plan, target=target, calibration=calibration).to_bytes()
+
+    def _sample(self, call: dict[str, Any], seeds: list[int]):
+        import numpy as np
+        import torch
+
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        with torch.no_grad():
+            images = self.pipe(**call, generator=generators, output_type="np").images
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return np.asarray(images, dtype=np.float32)
+
+    def validate(
+        self, plan_bytes: bytes, calls: list[dict[str, Any]], repeats: int
+    ) -> dict[str, Any]:
+        """Full compute vs the plan on held-out calls, timed interleaved on this worker.
+
+        Returns the metrics and both image batches (``full``, ``cached``: (N, H, W, C) in [0, 1]).
+        """
+        import numpy as np
+
+        from invardiff import cached, metrics
+        from invardiff.plan import CachePlan
+
+        plan = CachePlan.from_bytes(plan_bytes)
+        call, seeds = batched_call(calls)
+        full_s, cached_s = [], []
+        self._sample(call, seeds)  # warm-up, untimed
+        for _ in range(repeats):  # interleaved, so machine noise hits both alike
+            t0 = time.perf_counter()
+            full = self._sample(call, seeds)
+            t1 = time.perf_counter()
+            with cached(self.pipe, plan):
+                fast = self._sample(call, seeds)
+            t2 = time.perf_counter()
+            full_s.append(t1 - t0)
+            cached_s.append(t2 - t1)
+        full_median, cached_median = float(np.median(full_s)), float(np.median(cached_s))
+        psnr = float(metrics.psnr(fast, full))
+        result = {
+            "samples": len(seeds),
+            "seeds": seeds,
+            "repeats": repeats,
+            "device": self.device,
+            "full_s": round(full_median, 4),
+            "cached_s": round(cached_median, 4),
+            "measured_speedup": round(full_median / cached_median, 3),
+            "ideal_speedup": round(plan.summary().ideal_speedup, 3),
+            "psnr_db": round(psnr, 2) if np.isfinite(psnr) else None,
+        }
+        if min(full.shape[1:3]) >= metrics.SSIM_TAPS:
+            result["ssim"] = round(float(metrics.ssim(fast, full)), 4)
+        return {"metrics": result, "full": full, "cached": fast}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (benchmarks): this process
+        return "local"
+
+
+def remote_worker(gpus: bool, cpus: float):
+    """The Ray actor class: one accelerator each (``num_gpus=1``) or ``cpus`` CPUs."""
+    import ray
+
+    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": cpus}
+    return ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, **resources)(CalibrationWorker)

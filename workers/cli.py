@@ -1,0 +1,269 @@
+"""``invardiff-registry calibrate`` and ``invardiff-registry jobs`` (see docs/fleet.md).
+
+The registry's command group loads these lazily by name, so ``invardiff-registry --help``
+and ``fetch`` never import Ray or torch: only click and light registry modules are imported
+here at module level.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from registry.cli import FINITE, RESOLUTION, STEPS, _emit, _log, _registry, json_option
+from registry.errors import InvalidInput
+from registry.matching import Resolution
+
+from .errors import QualityGateFailed
+
+QUANTILE_KINDS = ("attn", "mlp", "ff", "context_attn", "context_ff", "single_attn", "single_mlp")
+LEASE_ENV = "INVARDIFF_JOB_LEASE_S"
+
+
+def _quantile_options(command):
+    for kind in reversed(QUANTILE_KINDS):
+        flag = "--q-" + kind.replace("_", "-")
+        command = click.option(
+            flag, f"q_{kind}", type=FINITE, help=f"Quantile of the {kind} flags."
+        )(command)
+    return command
+
+
+def _parse_settings(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` engine parameters (VALUE as JSON when it parses, else a string)."""
+    import json
+
+    settings = {}
+    for item in values:
+        key, found, value = item.partition("=")
+        if not found or not key:
+            raise InvalidInput(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            settings[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.replace("-", "_")] = value
+    return settings
+
+
+def _lease_seconds() -> float:
+    from registry.jobs import DEFAULT_LEASE_SECONDS
+
+    text = os.environ.get(LEASE_ENV)
+    try:
+        value = float(text) if text else DEFAULT_LEASE_SECONDS
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InvalidInput(f"{LEASE_ENV}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+@click.command()
+@click.argument("model")
+@click.argument("resolution", type=RESOLUTION)
+@click.option("--steps", type=STEPS, help="Step count (default: the model's).")
+@click.option("--guidance", type=FINITE, help="Guidance scale (default: the model's).")
+@click.option("--preset", type=click.Choice(["fast", "slow"]), help="Calibration preset [fast].")
+@click.option("--q-step", type=FINITE, help="Quantile of the step gate.")
+@_quantile_options
+@click.option("--nonskip", type=FINITE, help="Warm-up fraction of steps never reused.")
+@click.option("--flag-index", type=click.Choice(["reference", "aligned"]), help="Flag alignment.")
+@click.option("--max-consecutive", type=click.IntRange(min=1), help="Cap on consecutive reuse.")
+@click.option(
+    "--target-speedup", type=FINITE, metavar="X",
+    help="Budget: the most faithful plan with this ideal speed-up (needs invardiff.budget).",
+)  # fmt: skip
+@click.option(
+    "--target-psnr", type=FINITE, metavar="DB",
+    help="Budget: the fastest plan keeping this PSNR on held-out seeds (needs invardiff.budget).",
+)  # fmt: skip
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other engine calibration parameter.",
+)
+@click.option("--trajectories", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration calls (condition x seed).")  # fmt: skip
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Prompt file, one a line (text-to-image models; default: a built-in set).")  # fmt: skip
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Actors (default: one per GPU, else per CPU)."
+)
+@click.option("--worker-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="CPUs per actor on a cluster without GPUs.")  # fmt: skip
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="Existing Ray cluster [env RAY_ADDRESS]; default: a local Ray.",
+)
+@click.option("--validate", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Held-out validation samples (0: skip validation).")  # fmt: skip
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved timing repeats of the validation.")  # fmt: skip
+@click.option(
+    "--min-psnr", type=FINITE, metavar="DB", help="Quality gate: minimum PSNR vs full compute."
+)
+@click.option(
+    "--min-speedup", type=FINITE, metavar="X", help="Quality gate: minimum measured speed-up."
+)
+@click.option(
+    "--promote",
+    "promote_alias",
+    metavar="ALIAS",
+    help="Move ALIAS to the plan if it passes the gate.",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write the report PNGs and JSON into DIR.",
+)
+@click.option(
+    "--no-wait", is_flag=True, help="Exit 10 instead of waiting on a job another driver runs."
+)
+@json_option
+@click.pass_context
+def calibrate(
+    ctx: click.Context,
+    model: str,
+    resolution: Resolution,
+    steps: int | None,
+    guidance: float | None,
+    preset: str | None,
+    settings: tuple[str, ...],
+    trajectories: int,
+    prompts_file: Path | None,
+    workers: int | None,
+    worker_cpus: float,
+    ray_address: str | None,
+    validate: int,
+    repeats: int,
+    min_psnr: float | None,
+    min_speedup: float | None,
+    promote_alias: str | None,
+    report: Path | None,
+    no_wait: bool,
+    as_json: bool,
+    **params: Any,
+) -> None:
+    """Calibrate MODEL at RESOLUTION on Ray, validate, publish and record the job.
+
+    The same request again returns the existing version (created: false). Exit codes beyond
+    the registry's: 8 quality gate failed (published, not promoted), 9 job failed, 10 job
+    running elsewhere (--no-wait).
+    """
+    from .driver import RunOptions, submit
+    from .request import build_request
+
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
+    overrides = {k: v for k, v in params.items() if v is not None}
+    overrides.update(_parse_settings(settings))
+    registry = _embedded_or_configured(ctx)
+    request = build_request(
+        registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
+        params=overrides, trajectories=trajectories, prompts_file=prompts_file,
+        validate=validate, repeats=repeats, budget=budget,
+    )  # fmt: skip
+    if promote_alias is not None:
+        from registry.matching import check_name
+
+        check_name(promote_alias, "alias")
+    options = RunOptions(
+        workers=workers, ray_address=ray_address, cpus_per_worker=worker_cpus,
+        lease_seconds=_lease_seconds(), wait=not no_wait, min_psnr=min_psnr,
+        min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
+    )  # fmt: skip
+    result = submit(registry, request, options).to_json()
+    _emit(as_json, result, _describe(result))
+    if not result["gate"]["passed"]:
+        raise QualityGateFailed(
+            f"quality gate failed: {'; '.join(result['gate']['reasons'])} (published, not promoted)"
+        )
+
+
+def _embedded_or_configured(ctx: click.Context):
+    """The configured registry; the embedded default (nothing configured) is created on first use.
+
+    So that ``calibrate`` on a fresh machine needs no ``init`` first. A configured database is
+    never initialized implicitly, and an existing schema is never upgraded implicitly.
+    """
+    configured = any(ctx.obj.get(k) for k in ("database_url", "store_url")) or any(
+        os.environ.get(k) for k in ("INVARDIFF_DATABASE_URL", "INVARDIFF_STORE_URL")
+    )
+    if not configured:
+        from registry import db
+
+        registry = _registry(ctx, create=True, check_schema=False)
+        if db.current_revision(registry.engine) is None:
+            _log(f"creating the embedded registry ({db.display_url(str(registry.engine.url))})")
+            registry.init()
+    return _registry(ctx)
+
+
+def _describe(result: dict[str, Any]) -> str:
+    metrics = result["metrics"]
+    state = "calibrated" if result["created"] else "already calibrated"
+    lines = [
+        (
+            f"{state}: {result['model']} v{result['version']} {result['sha256']} "
+            f"(job {result['job_key'][:12]})"
+        ),
+        f"ideal speed-up {metrics.get('ideal_speedup', 0):.2f}x",
+    ]
+    if "measured_speedup" in metrics:
+        psnr = metrics["psnr_db"]
+        lines[1] = (
+            f"speed-up {metrics['measured_speedup']:.2f}x measured ({metrics['ideal_speedup']:.2f}x "
+            f"ideal); PSNR {'inf' if psnr is None else psnr} dB, SSIM {metrics.get('ssim', '-')} "
+            f"vs full compute on {metrics['validation']['samples']} held-out samples"
+        )
+    if result["promoted"]:
+        lines.append(f"promoted to {result['promoted']}")
+    for name, path in (result.get("report") or {}).items():
+        lines.append(f"report {name}: {path}")
+    return "\n".join(lines)
+
+
+@click.group()
+def jobs() -> None:
+    """Calibration jobs: status, attempts, shard progress, timings, result."""
+
+
+@jobs.command("list")
+@click.option(
+    "--status", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"])
+)
+@click.option("--model", "model_name", help="Only this model alias's jobs.")
+@json_option
+@click.pass_context
+def jobs_list(
+    ctx: click.Context, status: str | None, model_name: str | None, as_json: bool
+) -> None:
+    """List calibration jobs, newest first."""
+    from registry.jobs import list_jobs
+
+    rows = [j.to_json(with_request=False) for j in list_jobs(_registry(ctx), status, model_name)]
+    lines = [
+        f"{r['job_key'][:12]}  {r['status']:<9} {r['model']:<16} attempts {r['attempts']}  "
+        f"v{(r['result'] or {}).get('version', '-')}  {r['created_at']}"
+        for r in rows
+    ]
+    _emit(as_json, rows, "\n".join(lines) or "no jobs")
+
+
+@jobs.command("show")
+@click.argument("job")
+@json_option
+@click.pass_context
+def jobs_show(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Show job JOB (its key or a prefix of at least 6 hex digits)."""
+    import json
+
+    from registry.jobs import get_job
+
+    data = get_job(_registry(ctx), job).to_json()
+    _emit(as_json, data, "\n".join(f"{k}: {json.dumps(v, default=str)}" for k, v in data.items()))

@@ -1,0 +1,127 @@
+"""Checkpoint sources: where a model alias's pipeline comes from, and what it can make.
+
+- ``builtin://digits-dit`` / ``builtin://digits-flux``: the committed digits models (16x16).
+- a local diffusers directory (``/path`` or ``file:///path``).
+- ``hf://org/name`` at the alias's revision, from the local Hugging Face cache only (never
+  the hub); a missing snapshot is a :class:`~registry.errors.NotFound` naming the revision.
+
+Only :func:`load_pipeline` imports torch/diffusers (it runs inside a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from registry.errors import InvalidInput, NotFound
+from registry.matching import ModelInfo, Resolution
+
+BUILTIN_PREFIX = "builtin://"
+BUILTIN_RESOLUTION = Resolution(width=16, height=16)
+CLASS_PIPELINES = ("DiTPipeline", "DigitsFluxPipeline")
+
+
+def builtin_name(source: str) -> str | None:
+    """``digits-dit`` for ``builtin://digits-dit``; None for other sources."""
+    return source[len(BUILTIN_PREFIX) :] if source.startswith(BUILTIN_PREFIX) else None
+
+
+def is_class_conditional(model: ModelInfo) -> bool:
+    """Whether calls take class labels (DiT, the digits models) rather than prompts."""
+    if builtin_name(model.source) is not None:
+        return True
+    return (model.pipeline or ("DiTPipeline" if model.arch == "dit" else "")) in CLASS_PIPELINES
+
+
+def checkpoint_path(source: str, revision: str | None) -> Path | None:
+    """The local directory of a checkpoint (None for built-in models)."""
+    name = builtin_name(source)
+    if name is not None:
+        from invardiff.models import BUILTIN_MODELS
+
+        if name not in BUILTIN_MODELS:
+            raise NotFound(f"unknown built-in model {source} (known: {', '.join(BUILTIN_MODELS)})")
+        return None
+    if source.startswith("hf://"):
+        return _hf_snapshot(source.removeprefix("hf://"), revision)
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise NotFound(f"{source} is not a diffusers pipeline directory (no model_index.json)")
+    return path
+
+
+def _hf_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at huggingface_hub's import
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        )
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
+        raise NotFound(
+            f"no snapshot of {repo_id} at revision {revision or 'main'} in the local Hugging "
+            "Face cache (offline): download it on this host first"
+        ) from None
+
+
+def _config(path: Path, component: str) -> dict[str, Any]:
+    try:
+        return json.loads((path / component / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def check_resolution(model: ModelInfo, resolution: Resolution) -> None:
+    """Refuse a resolution the checkpoint cannot generate (read from its configs, no weights)."""
+    if builtin_name(model.source) is not None:
+        checkpoint_path(model.source, model.revision)  # unknown built-in -> NotFound
+        if resolution != BUILTIN_RESOLUTION:
+            raise InvalidInput(
+                f"model {model.name} only makes {BUILTIN_RESOLUTION} images, not {resolution}"
+            )
+        return
+    path = checkpoint_path(model.source, model.revision)
+    assert path is not None
+    blocks = _config(path, "vae").get("block_out_channels") or [0, 0, 0, 0]
+    scale = 2 ** (len(blocks) - 1)
+    if model.arch == "dit":
+        size = _config(path, "transformer").get("sample_size")
+        if size is not None and resolution != Resolution(size * scale, size * scale):
+            raise InvalidInput(
+                f"model {model.name} makes {size * scale}x{size * scale} images, not {resolution}"
+            )
+        return
+    for side in (resolution.width, resolution.height):
+        if side % (2 * scale):
+            raise InvalidInput(
+                f"model {model.name} needs width and height divisible by {2 * scale}, not {resolution}"
+            )
+
+
+def load_pipeline(source: str, revision: str | None, dtype: str | None, device: str):
+    """Load the pipeline of a checkpoint (eval mode, progress bars off) onto ``device``."""
+    import torch
+
+    name = builtin_name(source)
+    if name is not None:
+        from invardiff.models import load_builtin
+
+        pipe = load_builtin(name)
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = checkpoint_path(source, revision)
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        pipe = DiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype, local_files_only=True
+        )
+    pipe = pipe.to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

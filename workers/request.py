@@ -1,0 +1,254 @@
+"""The canonical calibration request and its ``job_key``.
+
+A :class:`CalibrationRequest` is plain JSON data: the checkpoint (source and revision), the
+target (pipeline, resolution, steps, guidance), the resolved calibration parameters, every
+call (condition x seed), the prompt set's sha256, and the calibrator and library versions.
+``job_key`` is the sha256 of its canonical JSON without the presentation fields (model alias
+name, validation), so the same computation always has the same key whatever alias or
+validation it was asked with. :func:`build_request` derives it from a registry model alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from registry.errors import InvalidInput
+from registry.matching import ModelInfo, Resolution, canonical
+
+from .pipelines import builtin_name, check_resolution, is_class_conditional
+
+CALIBRATION_SEED = 1000  # calibration call i uses seed CALIBRATION_SEED + i
+VALIDATION_SEED = 900_000  # held-out: validation sample i uses VALIDATION_SEED + i
+MAX_TRAJECTORIES = 4096
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red fox in fresh snow, golden hour",
+    "a bowl of ramen on a wooden table, top view",
+    "an old lighthouse on a cliff in a storm",
+    "a watercolor painting of a city street at night",
+    "a close-up portrait of an elderly fisherman",
+    "a futuristic car parked in a neon-lit alley",
+    "a field of sunflowers under a blue sky",
+)
+# ImageNet classes for DiT checkpoints (those of the DiT paper's sample grid).
+IMAGENET_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
+DIGIT_LABELS = tuple(range(10))
+_UNKEYED = ("model", "validation")
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """Everything that determines a calibration's result (see the module docstring)."""
+
+    model: str
+    source: str
+    revision: str | None
+    arch: str
+    pipeline: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    dtype: str | None
+    params: dict[str, Any]
+    calls: list[dict[str, Any]]
+    prompts_sha256: str | None
+    versions: dict[str, str]
+    validation: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y}
+
+    @property
+    def job_key(self) -> str:
+        """sha256 of the canonical request (without the alias name and validation)."""
+        keyed = {k: v for k, v in self.to_json().items() if k not in _UNKEYED}
+        return hashlib.sha256(canonical(keyed)).hexdigest()
+
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution(width=self.width, height=self.height)
+
+    def shard_key(self, phase: int, index: int) -> str:
+        """Object-store key of one trajectory's statistics."""
+        return f"{shard_prefix(self.job_key, phase)}{index}"
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(canonical(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CalibrationRequest:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def shard_prefix(job_key: str, phase: int) -> str:
+    """``jobs/<job_key>/phase-<p>/``: where a job's statistics of one phase live."""
+    return f"jobs/{job_key}/phase-{phase}/"
+
+
+def library_versions() -> dict[str, str]:
+    """The calibrator and library versions a result depends on."""
+    import diffusers
+    import torch
+
+    import invardiff
+    from invardiff.calibration import CALIBRATOR_VERSION
+
+    return {
+        "calibrator": CALIBRATOR_VERSION,
+        "invardiff": invardiff.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def read_prompts(path: Path) -> tuple[list[str], str]:
+    """Non-empty lines of a prompt file and the sha256 of the prompt set."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInput(f"prompt file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read prompt file {path}: {exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidInput(f"prompt file {path} has no prompts")
+    return prompts, prompt_set_sha256(prompts)
+
+
+def prompt_set_sha256(prompts: list[str] | tuple[str, ...]) -> str:
+    """sha256 of the prompt set (canonical JSON list)."""
+    return hashlib.sha256(canonical(list(prompts))).hexdigest()
+
+
+def derive_calls(
+    conditions: list[Any],
+    count: int,
+    first_seed: int,
+    base: dict[str, Any],
+    text: bool,
+) -> list[dict[str, Any]]:
+    """Call ``i``: condition ``i mod len(conditions)`` with seed ``first_seed + i``."""
+    calls = []
+    for i in range(count):
+        condition = conditions[i % len(conditions)]
+        cond = {"prompt": condition} if text else {"class_labels": [condition]}
+        calls.append({**cond, **base, "seed": first_seed + i})
+    return calls
+
+
+def build_request(
+    model: ModelInfo,
+    resolution: Resolution | None = None,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    preset: str | None = None,
+    params: dict[str, Any] | None = None,
+    trajectories: int = 8,
+    prompts_file: Path | None = None,
+    validate: int = 8,
+    repeats: int = 3,
+    budget: dict[str, float] | None = None,
+) -> CalibrationRequest:
+    """The canonical request for calibrating ``model`` (a registry alias).
+
+    Bad input (impossible resolution, parameters out of range, missing prompt file, a
+    checkpoint snapshot missing from the local cache) raises a :class:`RegistryError`
+    before anything is computed or stored.
+    """
+    from invardiff.calibration import CalibrationParams
+
+    if not 1 <= trajectories <= MAX_TRAJECTORIES:
+        raise InvalidInput(f"--trajectories must be within 1..{MAX_TRAJECTORIES}")
+    if validate < 0 or repeats < 1:
+        raise InvalidInput("--validate must be >= 0 and the repeats >= 1")
+    if resolution is None:
+        if model.width is None or model.height is None:
+            raise InvalidInput(f"model {model.name} has no default resolution: give one")
+        resolution = Resolution(width=model.width, height=model.height)
+    check_resolution(model, resolution)
+    steps = steps or model.steps
+    if not steps:
+        raise InvalidInput(f"model {model.name} has no default step count: pass --steps")
+    guidance = guidance if guidance is not None else _default_guidance(model)
+    try:
+        resolved = CalibrationParams.resolve(model.arch, preset, **(params or {}))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(str(exc)) from None
+    budget = check_budget(budget, preset, params or {})
+    text = not is_class_conditional(model)
+    prompts_sha256 = None
+    if text:
+        prompts, prompts_sha256 = (
+            read_prompts(prompts_file)
+            if prompts_file is not None
+            else (list(DEFAULT_PROMPTS), prompt_set_sha256(DEFAULT_PROMPTS))
+        )
+        conditions: list[Any] = prompts
+    else:
+        if prompts_file is not None:
+            raise InvalidInput(f"model {model.name} is class-conditional: --prompts does not apply")
+        conditions = list(DIGIT_LABELS if builtin_name(model.source) else IMAGENET_LABELS)
+    base: dict[str, Any] = {"num_inference_steps": steps}
+    if guidance is not None:
+        base["guidance_scale"] = guidance
+    if text:
+        base.update(height=resolution.height, width=resolution.width)
+    calls = derive_calls(conditions, trajectories, CALIBRATION_SEED, base, text)
+    held_out = derive_calls(conditions, validate, VALIDATION_SEED, base, text)
+    return CalibrationRequest(
+        model=model.name,
+        source=model.source,
+        revision=model.revision,
+        arch=model.arch,
+        pipeline=model.pipeline,
+        width=resolution.width,
+        height=resolution.height,
+        steps=steps,
+        guidance=guidance,
+        dtype=model.dtype,
+        params=resolved.to_json(),
+        calls=calls,
+        prompts_sha256=prompts_sha256,
+        versions=library_versions(),
+        validation={"calls": held_out, "repeats": repeats},
+        budget=budget,
+    )
+
+
+def check_budget(
+    budget: dict[str, float] | None, preset: str | None, params: dict[str, Any]
+) -> dict[str, float] | None:
+    """Validate budget targets with the engine's own rules (``invardiff.budget``).
+
+    A budget replaces the reference rules: only ``flag_index`` of the rule parameters applies.
+    """
+    budget = {k: float(v) for k, v in (budget or {}).items() if v is not None}
+    if not budget:
+        return None
+    try:
+        from invardiff.budget import check_targets
+    except ImportError:
+        raise InvalidInput(
+            "budget targets need an invardiff with budget-targeted calibration (invardiff.budget)"
+        ) from None
+    try:
+        check_targets(budget.get("target_speedup"), budget.get("min_psnr"))
+    except ValueError as exc:
+        raise InvalidInput(str(exc).replace("min_psnr", "target_psnr")) from None
+    rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
+    if rules:
+        raise InvalidInput(f"{', '.join(rules)} apply to the reference rules, not to a budget")
+    return budget
+
+
+def _default_guidance(model: ModelInfo) -> float | None:
+    name = builtin_name(model.source)
+    if name is not None:
+        from invardiff.models import BUILTIN_MODELS
+
+        return float(BUILTIN_MODELS[name]["guidance_scale"])
+    return model.guidance

@@ -1,0 +1,254 @@
+"""Scheduled recalibration: turn the registry's due plans into calibration jobs and submit them.
+
+``recalibrate_due`` asks :mod:`registry.staleness` which setups are due, derives each one's
+:class:`~workers.request.CalibrationRequest` (the request of the job that made the plan,
+re-aimed at the alias's current checkpoint and the running library versions; or, for a plan
+without a job, :func:`~workers.request.build_request` with the plan's resolution, steps,
+guidance and recorded parameters), inserts its job row idempotently
+(:func:`registry.jobs.ensure_job`: the database's unique ``job_key`` makes two schedulers
+racing insert it once) and hands the job to a dispatcher:
+
+- :class:`RayJobs` (``--ray-address http://head:8265``): submits ``invardiff-registry
+  recalibrate --job KEY --ray-address auto`` to the cluster's job server under the submission
+  id ``invardiff-<job_key>-<attempts>``; the job server refuses a second submission of an id,
+  so racing schedulers submit each job once, and a failed job (attempts + 1) is submitted again
+  on a later run;
+- :class:`InProcess` (no address, ``auto``, ``ray://``): runs the jobs one after the other
+  with the fleet's driver (:func:`workers.driver.submit`), whose lease lets one driver compute.
+
+A setup due only because of age or an operator's mark would give the very request (and job
+key) that already succeeded; its request carries ``versions["refresh"]`` (the plan's sha256
+and last calibration time) so that it is a new job, computed afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from registry import jobs
+from registry.errors import NotFound, RegistryError, Unreachable
+from registry.models import utcnow
+from registry.staleness import DuePlan, Policy, find_due
+
+from .request import CalibrationRequest, build_request, library_versions
+
+REFRESH_ONLY = {"too_old", "marked"}
+SUBMISSION_PREFIX = "invardiff-"
+PROGRAM = "invardiff-registry"
+
+
+def current_policy(max_age_days: float | None) -> Policy:
+    """The policy for this host: its calibrator and library versions, and the maximum age."""
+    age = None if max_age_days is None else timedelta(days=max_age_days)
+    return Policy(versions=library_versions(), max_age=age)
+
+
+def recalibration_request(registry, due: DuePlan, versions: dict[str, str]) -> CalibrationRequest:
+    """The request that recalibrates ``due`` (see the module docstring)."""
+    plan = due.plan
+    model = registry.model(plan.model.name)
+    if plan.job_request:
+        request = CalibrationRequest.from_json(
+            {
+                **plan.job_request,
+                "model": model.name,
+                "source": model.source,
+                "revision": model.revision,
+                "versions": dict(versions),
+            }
+        )
+    else:
+        recorded = plan.calibration
+        ours = "calibrator_version" in recorded
+        params = _overrides(recorded.get("params") or {})
+        request = build_request(
+            model,
+            plan.target.resolution,
+            steps=plan.target.steps,
+            guidance=plan.target.guidance,
+            params=params if ours else None,
+            trajectories=int(recorded.get("trajectories") or 8) if ours else 8,
+        )
+        request = replace(request, versions=dict(versions))
+    if set(due.reasons) <= REFRESH_ONLY:
+        refresh = f"{plan.sha256}@{plan.calibrated_at.isoformat()}"
+        request = replace(request, versions={**request.versions, "refresh": refresh})
+    return request
+
+
+def _overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """A plan's recorded calibration parameters as ``CalibrationParams.resolve`` overrides."""
+    flat = {k: v for k, v in params.items() if k not in ("arch", "q")}
+    return {**flat, **{f"q_{kind}": q for kind, q in (params.get("q") or {}).items()}}
+
+
+class Dispatcher(Protocol):
+    def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]: ...
+
+
+def submission_id(job: jobs.JobInfo) -> str:
+    """The Ray job submission id of a job's next attempt."""
+    return f"{SUBMISSION_PREFIX}{job.job_key}-{job.attempts}"
+
+
+def job_entrypoint(job_key: str, workers: int | None = None, promote: str | None = None) -> str:
+    """What a submitted Ray job runs on the cluster's head."""
+    options = (f" --workers {int(workers)}" if workers else "") + (
+        f" --promote {shlex.quote(promote)}" if promote else ""
+    )
+    return f"{PROGRAM} recalibrate --job {job_key} --ray-address auto{options} --json"
+
+
+class RayJobs:
+    """Submit to a Ray cluster's job server (its dashboard address, ``http://head:8265``)."""
+
+    def __init__(
+        self, address: str, workers: int | None = None, promote: str | None = None
+    ) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            self.client = JobSubmissionClient(address)
+        except Exception as exc:  # noqa: BLE001 - connection, auth, version: all mean unusable
+            raise Unreachable(
+                f"cannot reach the Ray job server at {address}: {_line(exc)}"
+            ) from None
+        self.address, self.workers, self.promote = address, workers, promote
+
+    def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        sid = submission_id(job)
+        try:
+            self.client.submit_job(
+                entrypoint=job_entrypoint(job.job_key, self.workers, self.promote),
+                submission_id=sid,
+                metadata={"invardiff_job_key": job.job_key, "model": job.model},
+            )
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise Unreachable(
+                    f"submitting {sid} to {self.address} failed: {_line(exc)}"
+                ) from None
+            return {"action": "already_submitted", "submission_id": sid}
+        return {"action": "submitted", "submission_id": sid}
+
+
+@dataclass
+class InProcess:
+    """Run each job here with the fleet's driver (a local Ray, or ``auto`` / ``ray://``)."""
+
+    ray_address: str | None = None
+    workers: int | None = None
+    promote: str | None = None
+    progress: Any = None
+
+    def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        from .driver import RunOptions, submit
+        from .errors import JobBusy
+
+        options = RunOptions(
+            workers=self.workers,
+            ray_address=self.ray_address,
+            wait=False,
+            promote=self.promote,
+            progress=self.progress,
+        )
+        try:
+            result = submit(registry, CalibrationRequest.from_json(job.request), options)
+        except JobBusy:
+            return {"action": "running_elsewhere"}
+        except Unreachable:
+            raise  # no cluster: every job would fail alike; rows stay pending for the next run
+        except RegistryError as exc:  # this job failed (its row says so); go on with the next
+            return {"action": "failed", "error": str(exc), "exit_code": exc.exit_code}
+        return {
+            "action": "calibrated",
+            "version": result.version,
+            "sha256": result.sha256,
+            "created": result.created,
+        }
+
+
+def dispatcher_for(
+    address: str | None, workers: int | None = None, promote: str | None = None, progress=None
+) -> Dispatcher:
+    """:class:`RayJobs` for an ``http(s)://`` address, else :class:`InProcess`."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        return RayJobs(address, workers, promote)
+    return InProcess(address, workers, promote, progress)
+
+
+def recalibrate_due(
+    registry, policy: Policy, dispatcher: Dispatcher | None, say=lambda message: None
+) -> dict[str, Any]:
+    """Find due setups and submit their jobs (``dispatcher`` None: a dry run, nothing written)."""
+    with registry.session() as session:
+        due = find_due(session, policy)
+    entries = []
+    for item in due:
+        entry = item.to_json()
+        try:
+            request = recalibration_request(registry, item, policy.versions)
+        except RegistryError as exc:
+            entries.append({**entry, "action": "error", "error": str(exc)})
+            say(f"{item.plan.model.name} {entry['resolution']}: cannot build its request: {exc}")
+            continue
+        entry["job_key"] = request.job_key
+        if dispatcher is None:
+            entries.append({**entry, **_dry_run(registry, request.job_key)})
+            continue
+        job, inserted = jobs.ensure_job(registry, request.job_key, request.model, request.to_json())
+        outcome = _dispatch(registry, dispatcher, job)
+        entries.append({**entry, "inserted": inserted, **outcome})
+        say(
+            f"{item.plan.model.name} {entry['resolution']} ({', '.join(entry['reasons'])}): "
+            f"job {request.job_key[:12]} {outcome['action']}"
+        )
+    return {
+        "dry_run": dispatcher is None,
+        "due": entries,
+        "submitted": sum(e["action"] in ("submitted", "calibrated") for e in entries),
+    }
+
+
+def _dispatch(registry, dispatcher: Dispatcher, job: jobs.JobInfo) -> dict[str, Any]:
+    """Hand over a pending or failed job, or one whose driver died; report the others."""
+    if job.status == jobs.SUCCEEDED:
+        return {"action": "succeeded", "version": (job.result or {}).get("version")}
+    if job.status == "running" and not _expired(job):
+        return {"action": "running", "lease_holder": job.lease_holder}
+    return dispatcher.dispatch(registry, job)
+
+
+def _expired(job: jobs.JobInfo) -> bool:
+    expires = job.lease_expires_at
+    return expires is None or datetime.fromisoformat(expires) <= utcnow()
+
+
+def _dry_run(registry, job_key: str) -> dict[str, Any]:
+    """What a real run would do with the job, without writing anything."""
+    try:
+        job = jobs.get_job(registry, job_key)
+    except NotFound:
+        return {"action": "would_submit"}
+    return _dispatch(registry, _WouldSubmit(), job)
+
+
+class _WouldSubmit:
+    def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        return {"action": "would_submit"}
+
+
+def run_job(registry, job_ref: str, dispatcher: InProcess) -> dict[str, Any]:
+    """Run one stored job (what a submitted Ray job executes): its request, on this cluster."""
+    job = jobs.get_job(registry, job_ref)
+    return {"job_key": job.job_key, "model": job.model, **_dispatch(registry, dispatcher, job)}
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

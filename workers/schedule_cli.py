@@ -1,0 +1,85 @@
+"""``invardiff-registry recalibrate``: submit the calibrations that are due (docs/fleet-ops.md).
+
+Loaded lazily by the registry's command group; only click and light modules at module level.
+"""
+
+from __future__ import annotations
+
+import click
+
+from registry.cli import _emit, _log, _registry, json_option
+
+
+@click.command()
+@click.option("--due", is_flag=True, help="Find the stale plans and submit their calibrations.")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0),
+    metavar="DAYS",
+    help="Also recalibrate targets last calibrated longer ago than this.",
+)
+@click.option("--dry-run", is_flag=True, help="Only report what is due; write nothing.")
+@click.option("--job", "job_ref", metavar="JOB", help="Run one stored job (what submissions run).")
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="http://HEAD:8265: submit to that cluster's job server; auto, ray://...: run the "
+    "jobs here on that cluster; default: a local Ray [env RAY_ADDRESS].",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Actors per job when run here.")
+@click.option("--promote", "promote_alias", metavar="ALIAS", help="Move ALIAS to each new plan.")
+@json_option
+@click.pass_context
+def recalibrate(
+    ctx: click.Context,
+    due: bool,
+    max_age: float | None,
+    dry_run: bool,
+    job_ref: str | None,
+    ray_address: str | None,
+    workers: int | None,
+    promote_alias: str | None,
+    as_json: bool,
+) -> None:
+    """Recalibrate the targets whose latest plan is stale (--due), or run one job (--job).
+
+    Stale: the model alias points at another revision, the calibrator or the diffusers/torch
+    minor version changed, the plan is older than --max-age, or it was marked (mark-stale).
+    Each job is inserted once (unique job key) and submitted once, even when several
+    schedulers run at the same time.
+    """
+    if due == (job_ref is not None):
+        raise click.UsageError("give exactly one of --due and --job JOB")
+    if job_ref is not None and (dry_run or max_age is not None):
+        raise click.UsageError("--dry-run and --max-age go with --due")
+    if promote_alias is not None:
+        from registry.matching import check_name
+
+        check_name(promote_alias, "alias")
+    from .schedule import InProcess, current_policy, dispatcher_for, recalibrate_due, run_job
+
+    registry = _registry(ctx)
+    settings = {"workers": workers, "promote": promote_alias, "progress": _log}
+    if job_ref is not None:
+        result = run_job(registry, job_ref, InProcess(ray_address=ray_address, **settings))
+        _emit(as_json, result, f"job {result['job_key'][:12]}: {result['action']}")
+        if result["action"] == "failed":
+            from .errors import JobFailed
+
+            raise JobFailed(result["error"])
+        return
+    dispatcher = None if dry_run else dispatcher_for(ray_address, **settings)
+    result = recalibrate_due(registry, current_policy(max_age), dispatcher, say=_log)
+    lines = [
+        f"{e['action']:<17} {e['model']:<16} {e['resolution']:>10} {e['target']['steps']:>4} steps  "
+        f"{','.join(e['reasons'])}  {(e.get('job_key') or '-')[:12]}"
+        for e in result["due"]
+    ]
+    _emit(as_json, result, "\n".join(lines) or "nothing is due")
+    failed = [e for e in result["due"] if e["action"] in ("error", "failed")]
+    if failed:
+        from registry.errors import RegistryError
+
+        raise RegistryError(
+            f"{len(failed)} due plan(s) could not be submitted or failed (see 'error' in the report)"
+        )
