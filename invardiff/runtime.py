@@ -144,7 +144,12 @@ class PlanCache:
         return cache[(kind, layer)] if self._hold_now[kind][layer] else cache.pop((kind, layer))
 
     def store_hidden(self, hidden: torch.Tensor) -> None:
-        self.current.hidden = hidden if self.hold_hidden[self.step] else None
+        if not self.hold_hidden[self.step]:
+            self.current.hidden = None
+        elif hidden.untyped_storage().nbytes() > hidden.numel() * hidden.element_size():
+            self.current.hidden = hidden.clone()  # FLUX: H is a slice of the joint text+image tensor
+        else:
+            self.current.hidden = hidden
 
     def take_hidden(self) -> torch.Tensor:
         hidden = self.current.hidden
