@@ -51,16 +51,21 @@ def calibrate_to_budget(
     say=lambda message: None,
 ) -> CachePlan:
     """Phase 1 on ``calls``, then :func:`invardiff.budget.budget_plan` with a held-out measure."""
-    phase1 = []
-    for i, call in enumerate(calls):
-        say(f"phase 1: trajectory {i + 1}/{len(calls)}")
-        phase1.append(trajectory_stats(transformer, run, call, i, steps, settings))
-    record = {**provenance(calls, settings), "params": {"flag_index": settings.flag_index}, "holdout": None}
+    if target_speedup is not None and target_speedup > steps / 2:
+        raise ValueError(f"target_speedup {target_speedup:g} is unreachable: at most {steps / 2:g}x with {steps} steps "
+                         "(the first and last step are always computed)")  # fmt: skip
+    held = None
     if measure is None:
         if transformer is pipeline:
             raise ValueError("a bare transformer cannot be measured on held-out calls: pass measure=...")
         held = holdout_calls(calls) if holdout is None else holdout
         check_disjoint(calls, held)
+    phase1 = []
+    for i, call in enumerate(calls):
+        say(f"phase 1: trajectory {i + 1}/{len(calls)}")
+        phase1.append(trajectory_stats(transformer, run, call, i, steps, settings))
+    record = {**provenance(calls, settings), "params": {"flag_index": settings.flag_index}, "holdout": None}
+    if held is not None:
         say(f"held-out fidelity on {len(held)} call(s)")
         measure = holdout_measure(pipeline, held)
         record["holdout"] = _jsonable(held)
