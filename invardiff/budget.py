@@ -98,6 +98,8 @@ def candidate_gates(steps: int, computed: int, drift: np.ndarray | None = None) 
     Always holds ``"even"``; ``"every-k"`` when that schedule computes as many steps.
     """
     gates = {"even": spaced_gate(steps, computed)}
+    if computed >= 3:  # even spacing over all but the last step, which is computed too (every-k's tail)
+        gates["even+last"] = np.append(spaced_gate(steps - 1, computed - 1), False)
     for k in range(2, steps):
         if int((~every_k_gate(steps, k)).sum()) == computed:
             gates[f"every-{k}"] = every_k_gate(steps, k)
