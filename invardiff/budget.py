@@ -143,7 +143,8 @@ def _choose(template: CachePlan, gates: dict[str, np.ndarray], measure: Measure 
             raise ValueError(f"measure returned {len(values)} values for {len(plans)} plans")
         scores = dict(zip(plans, values))
         name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
-    record = {**provenance, "mode": "budget", "candidate": name, "candidates_psnr": scores}
+    recorded = {n: round(v, 3) if math.isfinite(v) else None for n, v in scores.items()}  # JSON: no inf
+    record = {**provenance, "mode": "budget", "candidate": name, "candidates_psnr": recorded}
     return gate_plan(template, gates[name], record), scores.get(name)
 
 
