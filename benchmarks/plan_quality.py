@@ -8,6 +8,7 @@ plan's ideal speed-up; they pick their candidate on the calibration calls' held-
 never on the evaluation samples.
 
     python benchmarks/plan_quality.py [--models digits-flux digits-dit] [--repeats 3] [--json out.json]
+    python benchmarks/plan_quality.py --redraw out.json   # the figures from a saved run (several merged)
 
 Also draws ``docs/img/plan-quality.png`` (speed-up / PSNR scatter) and
 ``docs/img/plan-quality-step-error.png`` (per-step latent error against full compute).
@@ -177,7 +178,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     parser.add_argument("--json", type=Path, help="also write every figure as JSON")
+    parser.add_argument("--redraw", type=Path, nargs="+", help="only print and draw saved JSON runs")
     args = parser.parse_args()
+    if args.redraw:
+        saved = [json.loads(path.read_text()) for path in args.redraw]
+        results = {m: r for run in saved for m, r in run["results"].items()}
+        print(table(results))
+        for path in draw(results, {m: e for run in saved for m, e in run["step_error"].items()}, args.img_dir):
+            print(f"wrote {path}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     results, errors = {}, {}
@@ -186,11 +195,11 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         plans = plans_for(pipe, model, say=lambda m: print(m, flush=True))
         results[model], errors[model] = measure(pipe, model, plans, args.repeats)
-    print(table(results))
+        print(table({model: results[model]}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"results": results, "step_error": errors}, indent=1))
     for path in draw(results, errors, args.img_dir):
         print(f"wrote {path}")
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "step_error": errors}, indent=1))
 
 
 if __name__ == "__main__":

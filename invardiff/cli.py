@@ -69,6 +69,7 @@ def calibrate_builtin(model: str, trajectories: int, guidance: float | None, rul
     from .models import load_builtin
 
     pipe = pipe or load_builtin(model)
+    pipe.set_progress_bar_config(disable=True)
     return calibrate(pipe, calibration_calls(model, trajectories, guidance), model_id=model,
                      progress=lambda m: print(f"  {m}", file=sys.stderr), **rules)  # fmt: skip
 
