@@ -38,6 +38,13 @@ MODULE_KINDS: dict[str, tuple[ModuleKind, ...]] = {
     ),
 }
 
+# The order in which a block calls its reusable modules (FLUX single blocks run the MLP before
+# the attention; the joint attention is one call for `attn` and `context_attn`).
+CALL_ORDER: dict[str, tuple[str, ...]] = {
+    "dit": ("attn", "mlp"),
+    "flux": ("attn", "ff", "context_ff", "single_mlp", "single_attn"),
+}
+
 # The transformer is called with scheduler timestep * scale (FluxPipeline divides by 1000).
 TIMESTEP_SCALE = {"dit": 1.0, "flux": 1e-3}
 

@@ -35,6 +35,7 @@ from .scores import (
 )
 
 CALIBRATOR_VERSION = "1"
+MODES = ("budget", "reference")
 
 PRESETS: dict[str, dict[str, dict[str, float]]] = {
     "dit": {
@@ -266,18 +267,32 @@ def calibrate(
     model_id: str | None = None,
     revision: str | None = None,
     progress: Callable[[str], None] | None = None,
+    mode: str | None = None,
+    target_speedup: float | None = None,
+    min_psnr: float | None = None,
+    holdout: list[dict[str, Any]] | None = None,
+    measure: Callable[[list[CachePlan]], list[float]] | None = None,
     **params: Any,
 ) -> CachePlan:
-    """Calibrate a plan from deterministic trajectories (2 x ``len(calls)`` runs).
+    """Calibrate a plan from deterministic trajectories.
 
     ``pipeline`` is a diffusers pipeline (or a bare transformer with ``runner``, a function
     ``runner(call, generator)`` that samples one trajectory, e.g. a plain loop). ``calls`` are
     the keyword arguments of each pipeline call plus a ``seed``; they must share steps,
-    resolution and guidance. ``preset`` is ``"fast"`` (default) or ``"slow"``; ``params``
-    override single values (``q_step``, ``q_attn``, ``nonskip``, ``flag_index``, ...).
+    resolution and guidance.
+
+    ``mode="budget"`` (the default when a target is given; ``len(calls)`` runs plus held-out
+    measurements, docs/plan-quality.md): ``target_speedup=X`` gives the most faithful plan
+    whose ideal speed-up is at least X, ``min_psnr=Y`` the fastest plan keeping Y dB against
+    full compute on ``holdout`` calls (default: ``calls`` with fresh seeds); ``measure``
+    replaces the held-out measurement. ``mode="reference"`` (the default without a target;
+    2 x ``len(calls)`` runs): the paper's rules; ``preset`` is ``"fast"`` (default) or
+    ``"slow"``; ``params`` override single values (``q_step``, ``q_attn``, ``nonskip``,
+    ``flag_index``, ...).
     """
     transformer = getattr(pipeline, "transformer", pipeline)
     arch = detect_architecture(transformer)
+    mode = calibration_mode(mode, target_speedup, min_psnr, preset, params)
     settings = CalibrationParams.resolve(arch, preset, **params)
     if not calls:
         raise ValueError("calibration needs at least one call")
@@ -286,6 +301,12 @@ def calibrate(
         raise ValueError("calibration calls must set num_inference_steps")
     run = runner or pipeline_runner(pipeline)
     say = progress or (lambda message: None)
+    if mode == "budget":
+        from .targeted import calibrate_to_budget
+
+        return calibrate_to_budget(pipeline, transformer, run, calls, steps, settings, target_speedup=target_speedup,
+                                   min_psnr=min_psnr, holdout=holdout, measure=measure, model_id=model_id,
+                                   revision=revision, say=say)  # fmt: skip
 
     phase1 = []
     for i, call in enumerate(calls):
@@ -315,13 +336,7 @@ def build_plan(
     if any(s.timesteps != first.timesteps for s in phase2):
         raise ValueError("phase 2 ran another timestep schedule than phase 1: the trajectories are not deterministic")
     target = describe_target(pipeline, calls, first.timesteps, model_id=model_id, revision=revision)
-    calibration = {
-        "calibrator_version": CALIBRATOR_VERSION,
-        "params": params.to_json(),
-        "trajectories": len(calls),
-        "calls": [_jsonable(c) for c in calls],
-        "libraries": _library_versions(),
-    }
+    calibration = provenance(calls, params)
     return CachePlan(
         arch=params.arch,
         step_gate=gate.numpy(),
@@ -330,6 +345,37 @@ def build_plan(
         geometry=first.geometry,
         calibration=calibration,
     )
+
+
+def calibration_mode(
+    mode: str | None, target_speedup: float | None, min_psnr: float | None, preset: str | None, params: dict
+) -> str:
+    """``"budget"`` or ``"reference"``; ValueError for a target the mode cannot take."""
+    from .budget import check_targets
+
+    targeted = target_speedup is not None or min_psnr is not None
+    mode = mode or ("budget" if targeted else "reference")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "reference" and targeted:
+        raise ValueError("target_speedup and min_psnr need mode='budget' (the reference rules take quantiles)")
+    if mode == "budget":
+        check_targets(target_speedup, min_psnr)
+        rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
+        if rules:
+            raise ValueError(f"{', '.join(rules)} apply to mode='reference' only, not to a budget")
+    return mode
+
+
+def provenance(calls: list[dict[str, Any]], params: CalibrationParams) -> dict[str, Any]:
+    """What a plan records about its calibration: version, parameters, calls, libraries."""
+    return {
+        "calibrator_version": CALIBRATOR_VERSION,
+        "params": params.to_json(),
+        "trajectories": len(calls),
+        "calls": [_jsonable(c) for c in calls],
+        "libraries": _library_versions(),
+    }
 
 
 def describe_target(

@@ -1,7 +1,7 @@
 """``invardiff``: calibrate a built-in model and compare cached against full compute.
 
-    invardiff demo [--model digits-flux] [--preset fast] [--out out/]
-    invardiff calibrate --model digits-dit --out plan.json [--trajectories 8]
+    invardiff demo [--model digits-flux] [--preset fast | --target-speedup X | --min-psnr Y] [--out out/]
+    invardiff calibrate --model digits-dit --out plan.json [--trajectories 8] [--target-speedup X]
     invardiff show PLAN [--json]
 """
 
@@ -62,20 +62,32 @@ def _grid(rows: list[np.ndarray], scale: int = 4) -> Image.Image:  # noqa: F821
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+def calibrate_builtin(model: str, trajectories: int, guidance: float | None, rules: dict, pipe=None):
+    """Calibrate a built-in model with ``rules`` (``mode``, ``preset``, ``target_speedup``,
+    ``min_psnr``); progress goes to stderr."""
+    from . import calibrate
+    from .models import load_builtin
+
+    pipe = pipe or load_builtin(model)
+    pipe.set_progress_bar_config(disable=True)
+    return calibrate(pipe, calibration_calls(model, trajectories, guidance), model_id=model,
+                     progress=lambda m: print(f"  {m}", file=sys.stderr), **rules)  # fmt: skip
+
+
 def run_demo(
-    model: str, preset: str, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
+    model: str, rules: dict, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
 ) -> dict:
-    """Calibrate ``model`` in-process, then time and compare full vs cached generation."""
-    from . import cached, calibrate, metrics
+    """Calibrate ``model`` in-process with ``rules``, then time and compare full vs cached generation."""
+    from . import cached, metrics
     from .models import load_builtin
 
     pipe = load_builtin(model)
     steps, default_guidance = builtin_settings(model)
     guidance = default_guidance if guidance is None else guidance
     started = time.perf_counter()
-    plan = calibrate(pipe, calibration_calls(model, trajectories, guidance), preset=preset, model_id=model,
-                     progress=lambda m: print(f"  {m}", file=sys.stderr))  # fmt: skip
+    plan = calibrate_builtin(model, trajectories, guidance, rules, pipe)
     calibration_s = time.perf_counter() - started
+    preset = rules_label(rules)
     labels = [i % 10 for i in range(batch)]
     full_s, cached_s = [], []
     for r in range(repeats):  # interleaved, so machine noise hits both alike
@@ -94,7 +106,9 @@ def run_demo(
     summary = plan.summary()
     return {
         "model": model,
-        "preset": preset,
+        "mode": rules["mode"],
+        "rules": preset,
+        "candidate": plan.calibration.get("candidate"),
         "guidance": guidance,
         "plan": str(plan_path),
         "sha256": plan.sha256,
@@ -111,6 +125,42 @@ def run_demo(
     }
 
 
+def rules_label(rules: dict) -> str:
+    """Short name of calibration rules for file names: ``fast``, ``x2.8``, ``40dB``."""
+    if rules.get("target_speedup") is not None:
+        return f"x{rules['target_speedup']:g}"
+    if rules.get("min_psnr") is not None:
+        return f"{rules['min_psnr']:g}dB"
+    return rules.get("preset") or "fast"
+
+
+def _rules(args, parser: argparse.ArgumentParser) -> dict:
+    """Validated calibration rules from the command line (usage error otherwise)."""
+    from .calibration import calibration_mode
+
+    steps, _ = builtin_settings(args.model)
+    try:
+        mode = calibration_mode(args.mode, args.target_speedup, args.min_psnr, args.preset, {})
+    except ValueError as exc:
+        parser.error(str(exc).replace("target_speedup", "--target-speedup").replace("min_psnr", "--min-psnr"))
+    if args.target_speedup is not None and args.target_speedup > steps / 2:
+        parser.error(f"--target-speedup {args.target_speedup:g} is unreachable for {args.model}: at most "
+                     f"{steps / 2:g}x ({steps} steps, first and last always computed)")  # fmt: skip
+    if mode == "reference":
+        return {"mode": mode, "preset": args.preset or "fast"}
+    return {"mode": mode, "target_speedup": args.target_speedup, "min_psnr": args.min_psnr}
+
+
+def _add_rules(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--mode", choices=["budget", "reference"],
+                         help="budget (default with a target) or reference (the paper's rules; default without)")
+    command.add_argument("--preset", choices=["fast", "slow"], help="reference rules' preset (default fast)")
+    command.add_argument("--target-speedup", type=float, metavar="X",
+                         help="budget: the most faithful plan with ideal speed-up >= X")
+    command.add_argument("--min-psnr", type=float, metavar="DB",
+                         help="budget: the fastest plan keeping >= DB on held-out seeds")  # fmt: skip
+
+
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
@@ -124,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="calibrate a built-in model, compare cached vs full (speed-up, PSNR, PNG)")
     demo.add_argument("--model", default="digits-flux", choices=BUILTIN)
-    demo.add_argument("--preset", default="fast", choices=["fast", "slow"])
+    _add_rules(demo)
     demo.add_argument("--trajectories", type=int, default=8)
     demo.add_argument("--guidance", type=float, help="default: the model's documented guidance")
     demo.add_argument("--batch", type=int, default=32)
@@ -133,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     cal = sub.add_parser("calibrate", help="calibrate a built-in model and write the plan")
     cal.add_argument("--model", default="digits-flux", choices=BUILTIN)
-    cal.add_argument("--preset", default="fast", choices=["fast", "slow"])
+    _add_rules(cal)
     cal.add_argument("--trajectories", type=int, default=8)
     cal.add_argument("--guidance", type=float, help="default: the model's documented guidance")
     cal.add_argument("--out", type=Path, required=True)
@@ -145,17 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if args.trajectories < 1 or args.batch < 1 or args.repeats < 1:
                 parser.error("--trajectories, --batch and --repeats must be positive")
-            _print(run_demo(args.model, args.preset, args.trajectories, args.guidance, args.batch, args.repeats,
+            rules = _rules(args, parser)
+            _print(run_demo(args.model, rules, args.trajectories, args.guidance, args.batch, args.repeats,
                             args.out), args.json)  # fmt: skip
         elif args.command == "calibrate":
             if args.trajectories < 1:
                 parser.error("--trajectories must be positive")
-            from . import calibrate
-            from .models import load_builtin
-
-            plan = calibrate(load_builtin(args.model), calibration_calls(args.model, args.trajectories, args.guidance),
-                             preset=args.preset, model_id=args.model)  # fmt: skip
-            print(plan.save(args.out))
+            rules = _rules(args, parser)
+            print(calibrate_builtin(args.model, args.trajectories, args.guidance, rules).save(args.out))
         else:
             plan = load_plan(args.plan)
             result = {"sha256": plan.sha256, "arch": plan.arch, "steps": plan.steps,

@@ -18,6 +18,8 @@ import numpy as np
 
 from .architectures import (
     ARCHITECTURES,
+    CALL_ORDER,
+    MODULE_KINDS,
     REFERENCE_GEOMETRY,
     Geometry,
     module_flops,
@@ -178,8 +180,7 @@ class CachePlan:
             done += 0.0 if self.step_gate[i] else fixed
         fraction = done / full if full else 1.0
         elements = module_output_elements(self.arch, geometry)
-        itemsize = DTYPE_BYTES.get(self.target.dtype or "float32", 4)
-        peak = peak_cached_elements(self, elements) * itemsize * batch
+        peak = peak_cached_elements(self, elements) * self._itemsize() * batch
         return PlanSummary(
             executed_fraction=round(fraction, 6),
             ideal_speedup=round(1.0 / fraction, 6) if fraction else math.inf,
@@ -187,6 +188,21 @@ class CachePlan:
             peak_cache_bytes=int(peak),
             batch=batch,
         )
+
+    def peak_cache_bytes_within_steps(self, batch: int = 1) -> int:
+        """Most bytes of cached outputs held at any moment, also inside a step.
+
+        ``summary().peak_cache_bytes`` counts what is held between steps. Inside a computed
+        step the runtime releases old outputs and stores new ones block by block, so for a
+        moment it can hold new outputs of early layers beside old ones of later layers:
+        this is the bound for the cache's share of peak memory.
+        """
+        geometry = self.geometry or REFERENCE_GEOMETRY[self.arch]
+        elements = module_output_elements(self.arch, geometry)
+        return peak_cached_elements_within_steps(self, elements) * self._itemsize() * batch
+
+    def _itemsize(self) -> int:
+        return DTYPE_BYTES.get(self.target.dtype or "float32", 4)
 
     # ---- canonical bytes ---------------------------------------------------------------
     def to_json(self) -> dict:
@@ -398,6 +414,43 @@ def peak_cached_elements(plan: CachePlan, elements: dict[str, int]) -> int:
     per_step = sum(flags.sum(axis=1) * elements[kind] for kind, flags in hold.items())
     per_step = per_step + (keep_last.astype(int) + keep_prev) * elements["hidden"]
     return int(per_step.max())
+
+
+def peak_cached_elements_within_steps(plan: CachePlan, elements: dict[str, int]) -> int:
+    """Most cached elements (per sample) held at once, replaying the runtime module by module:
+    a reused output is released after its last use, a new one is kept if :func:`hold_after`
+    says a later step reuses it; H likewise at the last block (both H of :func:`hidden_held`)."""
+    run = executed_modules(plan)
+    hold, _ = hold_after(plan)
+    keep_last, keep_prev = hidden_held(plan)
+    size = dict(elements)
+    held_hidden = (keep_last.astype(int) + keep_prev) * size["hidden"]
+    if plan.arch == "flux":
+        size["attn"] += size["context_attn"]  # one cached entry holds both halves
+    lists = {kind.name: kind.layers for kind in MODULE_KINDS[plan.arch]}
+    order: list[tuple[str, int]] = []
+    for name in dict.fromkeys(lists.values()):  # block lists in execution order
+        kinds = [kind for kind in CALL_ORDER[plan.arch] if lists[kind] == name]
+        order += [(kind, layer) for layer in range(plan.modules[kinds[0]].shape[1]) for kind in kinds]
+    held: dict[tuple[str, int], int] = {}
+    total = peak = hidden = 0
+    for i in range(plan.steps):
+        if plan.step_gate[i] and hidden:
+            hidden = int(held_hidden[i])
+            continue
+        for kind, layer in order:
+            key = (kind, layer)
+            if run[kind][i, layer] or key not in held:
+                total -= held.pop(key, 0)
+                if hold[kind][i, layer]:
+                    held[key] = size[kind]
+                    total += size[kind]
+            elif not hold[kind][i, layer]:
+                total -= held.pop(key)
+            peak = max(peak, total + hidden)
+        hidden = int(held_hidden[i])
+        peak = max(peak, total + hidden)
+    return int(peak)
 
 
 # ---- helpers ---------------------------------------------------------------------------

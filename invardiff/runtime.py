@@ -154,7 +154,12 @@ class PlanCache:
         if self.linear:
             keep = self.keep_previous[step] and branch.hidden is not None
             branch.previous, branch.previous_step = (branch.hidden, branch.hidden_step) if keep else (None, -1)
-        branch.hidden, branch.hidden_step = (hidden, step) if self.keep_last[step] else (None, -1)
+        if not self.keep_last[step]:
+            branch.hidden, branch.hidden_step = None, -1
+            return
+        if hidden.untyped_storage().nbytes() > hidden.numel() * hidden.element_size():
+            hidden = hidden.clone()  # FLUX: H is a slice of the joint text+image tensor
+        branch.hidden, branch.hidden_step = hidden, step
 
     def take_hidden(self) -> torch.Tensor:
         """H of the current (skipped) step: H_last held, or extrapolated under "linear"."""

@@ -55,7 +55,7 @@ def record_full_trajectory(pipe, arch, call):
 
 
 def assert_matches_reference(pipe, arch, calls, preset):
-    plan = calibrate(pipe, calls, preset=preset)
+    plan = calibrate(pipe, calls, preset=preset, mode="reference")
     params = CalibrationParams.resolve(arch, preset)
     trajectories = [record_full_trajectory(pipe, arch, c) for c in calls]
     step, books = reference_calibrator.calibrate(trajectories, arch, params.nonskip, params.q_step, params.q)
@@ -105,6 +105,10 @@ def test_same_calibration_twice_gives_the_same_plan_bytes(dit_pipe):
     assert first.target.steps == 20 and len(first.target.timesteps) == 20
     assert first.target.scheduler == "DDIMScheduler" and first.target.pipeline == "DiTPipeline"
     assert first.calibration["trajectories"] == 2 and first.calibration["calls"][1]["seed"] == 1
+
+
+def test_reference_rules_are_the_default_without_a_target(dit_pipe):
+    assert calibrate(dit_pipe, DIT_CALLS[:2], mode="reference") == calibrate(dit_pipe, DIT_CALLS[:2])
 
 
 def test_statistics_serialize_and_merge_in_any_order(dit_pipe):

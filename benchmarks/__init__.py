@@ -1,0 +1,1 @@
+"""Side-by-side benchmark scripts (``python -m benchmarks.<name>``); no timed tests."""

@@ -1,0 +1,228 @@
+"""Budget-targeted plans: the most faithful schedule for a speed-up, the fastest for a fidelity.
+
+Pure functions over merged phase-1 statistics (numpy only). A budget fixes how many steps are
+computed; candidates place them differently (evenly spaced, the every-k schedule, denser late
+or early, and a dynamic program over the drift the statistics record), and a caller-supplied
+``measure(plans) -> [PSNR dB]`` on held-out seeds picks among them. Even spacing is always a
+candidate, so a measured choice never does worse than it (docs/plan-quality.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from .plan import CachePlan
+from .schedules import every_k_gate, gate_plan, spaced_gate
+
+Measure = Callable[[list[CachePlan]], list[float]]  # fidelity (PSNR dB, higher is better) per plan
+WARPS = {"denser-late": 0.9, "denser-early": 1.15}  # exponent of the spacing warp u -> u**g
+DRIFT_POWERS = (0.5, 1.0)  # candidates "drift-0.5", "drift-1": error ~ accumulated drift**p
+
+
+def check_targets(target_speedup: float | None, min_psnr: float | None) -> None:
+    """Raise ValueError unless exactly one well-formed target is given."""
+    if (target_speedup is None) == (min_psnr is None):
+        raise ValueError("give exactly one of target_speedup and min_psnr")
+    if target_speedup is not None and not (math.isfinite(target_speedup) and target_speedup >= 1.0):
+        raise ValueError(f"target_speedup must be a finite number >= 1, got {target_speedup}")
+    if min_psnr is not None and not (math.isfinite(min_psnr) and min_psnr > 0.0):
+        raise ValueError(f"min_psnr must be a positive number of dB, got {min_psnr}")
+
+
+def drift_from_ratios(ratios: np.ndarray, flag_index: str = "reference") -> np.ndarray:
+    """Per-step displacement of H, ``D[i] ~ |H[i] - H[i-1]|``, up to scale, from the merged
+    phase-1 change ratios of H (``r = D[i+1]/D[i]`` at i, or ``D[i]/D[i-1]`` when aligned).
+
+    ``D[0]`` (no previous step) is set to ``D[1]``.
+    """
+    r = np.asarray(ratios, dtype=np.float64).reshape(-1)
+    steps = r.shape[0]
+    log_drift = np.zeros(steps)
+    for i in range(2, steps):
+        ratio = r[i - 1] if flag_index == "reference" else r[i]
+        log_drift[i] = log_drift[i - 1] + math.log(max(ratio, 1e-12))
+    log_drift[0] = log_drift[1]
+    drift = np.exp(log_drift - log_drift.max())
+    return drift
+
+
+def drift_gate(weights: np.ndarray, computed: int) -> np.ndarray:
+    """Step gate computing ``computed`` steps (the first and last among them) that minimises
+    the error accumulated along runs: a reused step i after computed step j costs
+    ``sum(weights[j+1..i])``. Constant weights give even spacing. Dynamic program, O(n T^2).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    steps = w.shape[0]
+    computed = min(max(int(computed), 2), steps)
+    prefix = np.concatenate([[0.0], np.cumsum(w)])  # prefix[i] = sum(w[:i])
+    cum = np.concatenate([[0.0], np.cumsum(prefix[1:])])  # cum[i] = sum(prefix[1..i])
+
+    def segment(j: int, k: int) -> float:  # runs j+1..k-1 reuse the output of step j
+        inner = k - 1 - j
+        return (cum[k] - cum[j + 1]) - inner * prefix[j + 1] if inner > 0 else 0.0
+
+    best = np.full((computed, steps), np.inf)
+    back = np.zeros((computed, steps), dtype=int)
+    best[0, 0] = 0.0
+    for c in range(1, computed):
+        for k in range(c, steps):
+            costs = [best[c - 1, j] + segment(j, k) for j in range(c - 1, k)]
+            j = int(np.argmin(costs))
+            best[c, k], back[c, k] = costs[j], j + c - 1
+    gate = np.ones(steps, dtype=bool)
+    k = steps - 1
+    for c in range(computed - 1, -1, -1):
+        gate[k] = False
+        k = back[c, k]
+    return gate
+
+
+def warped_gate(steps: int, computed: int, power: float) -> np.ndarray:
+    """Computed steps at ``round((T-1) * u**power)`` for u evenly spaced in [0, 1]
+    (power < 1: denser late, > 1: denser early); duplicates fall back to even spacing."""
+    u = np.linspace(0.0, 1.0, computed)
+    positions = np.unique(np.round((steps - 1) * u**power).astype(int))
+    if len(positions) != computed:
+        return spaced_gate(steps, computed)
+    gate = np.ones(steps, dtype=bool)
+    gate[positions] = False
+    return gate
+
+
+def candidate_gates(steps: int, computed: int, drift: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Named step gates with exactly ``computed`` computed steps, duplicates removed.
+
+    Always holds ``"even"``; ``"every-k"`` when that schedule computes as many steps.
+    """
+    gates = {"even": spaced_gate(steps, computed)}
+    if computed >= 3:  # even spacing over all but the last step, which is computed too (every-k's tail)
+        gates["even+last"] = np.append(spaced_gate(steps - 1, computed - 1), False)
+    for k in range(2, steps):
+        if int((~every_k_gate(steps, k)).sum()) == computed:
+            gates[f"every-{k}"] = every_k_gate(steps, k)
+    for name, power in WARPS.items():
+        gates[name] = warped_gate(steps, computed, power)
+    if drift is not None:
+        for power in DRIFT_POWERS:
+            gates[f"drift-{power:g}"] = drift_gate(np.asarray(drift) ** power, computed)
+    unique: dict[str, np.ndarray] = {}
+    for name, gate in gates.items():
+        if not any(np.array_equal(gate, seen) for seen in unique.values()):
+            unique[name] = gate
+    return unique
+
+
+def ideal_speedup(template: CachePlan, computed: int) -> float:
+    """Ideal speed-up of a whole-step schedule computing ``computed`` steps."""
+    return gate_plan(template, spaced_gate(template.steps, computed)).summary().ideal_speedup
+
+
+def computed_for_speedup(template: CachePlan, target_speedup: float) -> int:
+    """Most computed steps whose ideal speed-up is still at least ``target_speedup``."""
+    steps = template.steps
+    fastest = ideal_speedup(template, 2)
+    if target_speedup > fastest:
+        raise ValueError(
+            f"target_speedup {target_speedup:g} is unreachable: at most {fastest:.2f}x with {steps} steps "
+            "(only the first and last step computed)"
+        )
+    return max(n for n in range(2, steps + 1) if ideal_speedup(template, n) >= target_speedup)
+
+
+def _choose(template: CachePlan, gates: dict[str, np.ndarray], measure: Measure | None, provenance: dict):
+    """The best measured candidate (ties: the first), with every candidate's figure recorded."""
+    plans = {name: gate_plan(template, gate) for name, gate in gates.items()}
+    if measure is None:
+        name, scores = "even", {}
+    else:
+        values = [float(v) for v in measure(list(plans.values()))]
+        if len(values) != len(plans):
+            raise ValueError(f"measure returned {len(values)} values for {len(plans)} plans")
+        scores = dict(zip(plans, values))
+        name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
+    recorded = {n: round(v, 3) if math.isfinite(v) else None for n, v in scores.items()}  # JSON: no inf
+    record = {**provenance, "mode": "budget", "candidate": name, "candidates_psnr": recorded}
+    return gate_plan(template, gates[name], record), scores.get(name)
+
+
+def budget_plan(
+    template: CachePlan,
+    phase1: dict | None = None,
+    *,
+    target_speedup: float | None = None,
+    min_psnr: float | None = None,
+    measure: Measure | None = None,
+    flag_index: str = "reference",
+    provenance: dict | None = None,
+) -> CachePlan:
+    """The fleet's entry point: a budget-targeted plan from merged phase-1 statistics.
+
+    ``phase1`` is ``merge_scores(phase-1 stats)`` (its ``"hidden"`` ratios give the drift
+    candidates; ``None`` leaves them out). Exactly one of ``target_speedup`` (most faithful
+    plan with at least that ideal speed-up) and ``min_psnr`` (fastest plan keeping that many
+    dB on held-out seeds; needs ``measure``) is given.
+    """
+    check_targets(target_speedup, min_psnr)
+    drift = None if phase1 is None else drift_from_ratios(np.asarray(phase1["hidden"]), flag_index)
+    if target_speedup is not None:
+        return plan_for_speedup(template, target_speedup, drift, measure, provenance)
+    if measure is None:
+        raise ValueError("min_psnr needs a measure: fidelity is measured on held-out seeds")
+    return plan_for_psnr(template, min_psnr, measure, drift, provenance)
+
+
+def plan_for_speedup(
+    template: CachePlan,
+    target_speedup: float,
+    drift: np.ndarray | None = None,
+    measure: Measure | None = None,
+    provenance: dict | None = None,
+) -> CachePlan:
+    """The most faithful whole-step plan whose ideal speed-up is at least ``target_speedup``.
+
+    ``template`` supplies model, target and geometry; ``drift`` (``drift_from_ratios``) adds
+    candidates placed by the statistics; ``measure`` scores candidates on held-out seeds
+    (without it the evenly spaced schedule is returned).
+    """
+    check_targets(target_speedup, None)
+    computed = computed_for_speedup(template, target_speedup)
+    gates = candidate_gates(template.steps, computed, drift)
+    provenance = {**(provenance or {}), "target_speedup": float(target_speedup)}
+    return _choose(template, gates, measure, provenance)[0]
+
+
+def plan_for_psnr(
+    template: CachePlan,
+    min_psnr: float,
+    measure: Measure,
+    drift: np.ndarray | None = None,
+    provenance: dict | None = None,
+) -> CachePlan:
+    """The fastest whole-step plan that ``measure`` finds at least ``min_psnr`` dB faithful.
+
+    Binary search on the number of computed steps with the evenly spaced schedule, then all
+    candidates at that count and at one step fewer. Computing every step always qualifies.
+    """
+    check_targets(None, min_psnr)
+    steps = template.steps
+
+    def even_passes(n: int) -> bool:
+        return n >= steps or measure([gate_plan(template, spaced_gate(steps, n))])[0] >= min_psnr
+
+    low, high = 2, steps  # invariant: high passes
+    while low < high:
+        mid = (low + high) // 2
+        if even_passes(mid):
+            high = mid
+        else:
+            low = mid + 1
+    provenance = {**(provenance or {}), "min_psnr": float(min_psnr)}
+    for computed in (high - 1, high):
+        if 2 <= computed < steps:
+            plan, psnr = _choose(template, candidate_gates(steps, computed, drift), measure, provenance)
+            if psnr is not None and psnr >= min_psnr:
+                return plan
+    return gate_plan(template, np.zeros(steps, dtype=bool), {**provenance, "mode": "budget", "candidate": "full"})

@@ -1,0 +1,196 @@
+"""Budget-targeted calibration: the search's math, its targets, and real plans on digits-flux."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import invardiff
+from invardiff.budget import (
+    budget_plan,
+    candidate_gates,
+    check_targets,
+    computed_for_speedup,
+    drift_from_ratios,
+    drift_gate,
+)
+from invardiff.cli import main
+from invardiff.holdout import holdout_measure
+from invardiff.schedules import every_k_gate, every_k_plan, gate_plan, spaced_gate
+
+FLUX_LAYERS = {"attn": 2, "context_attn": 2, "ff": 2, "context_ff": 2, "single_attn": 6, "single_mlp": 6}
+STEPS = 28
+GUIDANCE = 1.5
+
+
+def flux_template(steps: int = STEPS):
+    return invardiff.all_compute_plan("flux", steps, FLUX_LAYERS, geometry=invardiff.Geometry(64, 64, 4))
+
+
+def calls(labels, seeds):
+    return [{"class_labels": c, "num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "seed": s}
+            for c, s in zip(labels, seeds)]  # fmt: skip
+
+
+# ---- pure search ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "psnr", "message"),
+    [(2.0, 30.0, "exactly one"), (None, None, "exactly one"), (0.9, None, ">= 1"),
+     (float("inf"), None, "finite"), (None, -3.0, "positive"), (None, float("nan"), "positive")],
+)  # fmt: skip
+def test_bad_targets_are_refused(target, psnr, message):
+    with pytest.raises(ValueError, match=message):
+        check_targets(target, psnr)
+
+
+def test_drift_from_ratios_recovers_the_displacements():
+    drift = np.array([3.0, 3.0, 2.0, 1.0, 0.5, 0.5, 1.0])
+    reference = np.ones(7)
+    reference[1:6] = drift[2:7] / drift[1:6]  # r[i] = D[i+1] / D[i]
+    aligned = np.ones(7)
+    aligned[2:7] = drift[2:7] / drift[1:6]  # r[i] = D[i] / D[i-1]
+    for ratios, mode in ((reference, "reference"), (aligned, "aligned")):
+        assert np.allclose(drift_from_ratios(ratios, mode), drift / drift.max())
+
+
+def test_drift_gate_spreads_evenly_under_constant_drift_and_follows_it_otherwise():
+    def runs(gate):  # lengths of the runs of reused steps, sorted
+        return sorted(np.diff(np.flatnonzero(~gate)) - 1)
+
+    for computed in (5, 10, 15):  # as even as even spacing (ties may sit elsewhere)
+        assert runs(drift_gate(np.ones(STEPS), computed)) == runs(spaced_gate(STEPS, computed))
+    drift = np.ones(STEPS)
+    drift[:8] = 50.0  # the first steps move most: compute them densely
+    gate = drift_gate(drift, 10)
+    assert (~gate).sum() == 10 and (~gate[:8]).sum() > (~spaced_gate(STEPS, 10)[:8]).sum()
+
+
+def test_candidates_hold_even_spacing_and_every_k_with_the_same_cost():
+    for steps, computed in ((28, 10), (50, 18)):  # every-3's counts (same as even spacing on 28 steps)
+        gates = candidate_gates(steps, computed, drift=np.linspace(4, 1, steps))
+        assert "even" in gates and len(gates) >= 4
+        assert any(np.array_equal(g, every_k_gate(steps, 3)) for g in gates.values())
+        for gate in gates.values():
+            assert (~gate).sum() == computed and not gate[0] and not gate[-1]
+        assert len({g.tobytes() for g in gates.values()}) == len(gates)
+
+
+def test_speedup_target_is_met_by_the_best_measured_candidate():
+    template = flux_template()
+    assert computed_for_speedup(template, 2.8) == 10  # every-3's count: ideal 28 / 10
+    with pytest.raises(ValueError, match="unreachable"):
+        computed_for_speedup(template, 14.5)
+
+    def prefer_late(plans):  # a measure: fidelity grows with the computed steps' mean position
+        return [float(np.mean(np.flatnonzero(~p.step_gate))) for p in plans]
+
+    plan = budget_plan(template, None, target_speedup=2.8, measure=prefer_late)
+    scores = plan.calibration["candidates_psnr"]
+    assert plan.summary().ideal_speedup >= 2.8 and plan.calibration["candidate"] == max(scores, key=scores.get)
+    assert budget_plan(template, None, target_speedup=2.8).calibration["candidate"] == "even"  # no measure
+
+
+def test_psnr_target_returns_the_fastest_passing_plan():
+    template = flux_template()
+
+    def computed_share(plans):  # a measure: fidelity grows with the computed steps
+        return [100.0 * float((~p.step_gate).mean()) for p in plans]
+
+    plan = budget_plan(template, None, min_psnr=30.0, measure=computed_share)  # >= 30 % of 28: 9 steps
+    assert (~plan.step_gate).sum() == 9
+    with pytest.raises(ValueError, match="needs a measure"):
+        budget_plan(template, None, min_psnr=30.0)
+
+
+# ---- real plans on digits-flux --------------------------------------------------------------
+CALIBRATION = calls([[0], [1]], [100, 101])
+HOLDOUT = calls([[2, 3, 4, 5]], [300])  # the calibrator's selection set: fresh seed, one batch
+EVALUATION = calls([[6, 7, 8, 9, 0, 1]], [200])  # neither calibration nor selection
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from invardiff.models import load_builtin
+
+    pipe = load_builtin("digits-flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def evaluate(flux):
+    return holdout_measure(flux, EVALUATION)
+
+
+def test_budget_plan_is_level_with_every_k_and_beats_the_reference_rules(flux, evaluate):
+    reference = invardiff.calibrate(flux, CALIBRATION, mode="reference", preset="fast")
+    target = reference.summary().ideal_speedup
+    plan = invardiff.calibrate(flux, CALIBRATION, target_speedup=target, holdout=HOLDOUT)
+    every_3 = every_k_plan(plan, 3)  # the nearest fixed schedule: ideal 2.80x
+    assert plan.summary().ideal_speedup >= target > every_3.summary().ideal_speedup
+    assert plan.calibration["mode"] == "budget" and plan.calibration["holdout"][0]["seed"] == 300
+    psnr_plan, psnr_reference, psnr_every_3 = evaluate([plan, reference, every_3])
+    # measured here: budget 37.2 dB (2.89x), reference fast 35.6 dB (2.89x), every-3 38.0 dB (2.80x)
+    assert psnr_plan >= psnr_reference + 1.0
+    assert psnr_plan >= psnr_every_3 - 2.0
+
+
+def test_budget_at_every_k_speedup_is_no_worse_than_every_k(flux, evaluate):
+    every_4 = every_k_plan(flux_template(), 4)
+    plan = invardiff.calibrate(flux, CALIBRATION, target_speedup=every_4.summary().ideal_speedup, holdout=HOLDOUT)
+    assert plan.summary().ideal_speedup >= every_4.summary().ideal_speedup
+    psnr_plan, psnr_every_4 = evaluate([plan, every_k_plan(plan, 4)])
+    # measured here: 35.1 vs 35.8 dB. The candidates differ by tenths of a dB, and a 4-sample
+    # selection set picked "denser-late" (+0.2 dB there, -0.75 dB on these fresh seeds):
+    # level within selection noise, not better (docs/plan-quality.md).
+    assert psnr_plan >= psnr_every_4 - 1.0
+
+
+def test_min_psnr_holds_on_held_out_seeds_and_is_the_fastest(flux):
+    plan = invardiff.calibrate(flux, CALIBRATION, min_psnr=40.0, holdout=HOLDOUT)
+    chosen = plan.calibration["candidates_psnr"][plan.calibration["candidate"]]
+    held = holdout_measure(flux, HOLDOUT)
+    assert chosen >= 40.0 and held([plan])[0] == pytest.approx(chosen, abs=1e-3)
+    computed = int((~plan.step_gate).sum())
+    assert held([gate_plan(plan, spaced_gate(STEPS, computed - 1))])[0] < 40.0
+    # On other seeds the figure moves with the samples (measured: 41.6 dB on this 4-sample set,
+    # 36.5 dB on EVALUATION): the guarantee is as good as the held-out set is representative.
+
+
+# ---- command line -----------------------------------------------------------------------------
+def test_cli_calibrates_to_a_speedup(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", "digits-flux", "--trajectories", "1", "--target-speedup", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    plan = invardiff.load_plan(out)
+    assert plan.summary().ideal_speedup >= 3.0 and plan.calibration["mode"] == "budget"
+    assert json.loads(out.read_text())["calibration"]["target_speedup"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--target-speedup", "0.5"], ">= 1"), (["--target-speedup", "15"], "unreachable"),
+     (["--min-psnr", "-3"], "positive"), (["--target-speedup", "2", "--min-psnr", "30"], "exactly one"),
+     (["--mode", "reference", "--target-speedup", "2"], "need mode='budget'"),
+     (["--preset", "slow", "--min-psnr", "30"], "preset apply to mode='reference' only"),
+     (["--mode", "budget"], "exactly one")],
+)  # fmt: skip
+def test_cli_refuses_bad_targets(tmp_path, capsys, flags, message):
+    out = tmp_path / "plan.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--model", "digits-flux", "--out", str(out), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_api_refuses_bad_targets_before_running(flux):
+    for kwargs, message in [({"target_speedup": 0.5}, ">= 1"), ({"target_speedup": 15.0}, "unreachable"),
+                            ({"min_psnr": -1.0}, "positive"), ({"target_speedup": 2.0, "min_psnr": 30.0}, "exactly one"),
+                            ({"target_speedup": 2.0, "q_step": 0.5}, "q_step apply to mode='reference'"),
+                            ({"mode": "fastest"}, "mode must be one of")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            invardiff.calibrate(flux, CALIBRATION, **kwargs)
+    with pytest.raises(ValueError, match="reuse calibration seed"):
+        invardiff.calibrate(flux, CALIBRATION, target_speedup=2.0, holdout=CALIBRATION[:1])
