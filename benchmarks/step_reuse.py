@@ -24,6 +24,7 @@ import invardiff
 from invardiff import CachePlan, PlanTarget, all_compute_plan, metrics
 from invardiff.architectures import layer_lists
 from invardiff.models import BUILTIN_MODELS, load_builtin
+from invardiff.schedules import every_k_plan
 
 GUIDANCE = 1.5
 LABELS = [i % 10 for i in range(30)]
@@ -32,10 +33,7 @@ SEED = 99
 
 def every_k(template: CachePlan, k: int, step_reuse: str = "hold") -> CachePlan:
     """Compute steps 0, k, 2k, ... and the last; reuse the steps between whole."""
-    gate = np.ones(template.steps, dtype=bool)
-    gate[::k] = False
-    gate[-1] = False
-    return template.with_flags(gate, dict(template.modules)).with_step_reuse(step_reuse)
+    return every_k_plan(template, k).with_step_reuse(step_reuse)
 
 
 def template_for(pipe, model: str) -> CachePlan:
