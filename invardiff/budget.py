@@ -3,7 +3,9 @@
 Pure functions over merged phase-1 statistics (numpy only). A budget fixes how many steps are
 computed; candidates place them differently (evenly spaced, the every-k schedule, denser late
 or early, and a dynamic program over the drift the statistics record), and a caller-supplied
-``measure(plans) -> [PSNR dB]`` on held-out seeds picks among them. Even spacing is always a
+``measure(plans) -> [PSNR dB]`` on held-out seeds picks among them. Every placement is
+measured with both step-reuse rules (hold the last computed hidden state, or extrapolate it
+linearly: docs/step-reuse.md). Even spacing with held steps (every-k's rule) is always a
 candidate, so a measured choice never does worse than it (docs/plan-quality.md).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,6 +23,7 @@ from .schedules import every_k_gate, gate_plan, spaced_gate
 Measure = Callable[[list[CachePlan]], list[float]]  # fidelity (PSNR dB, higher is better) per plan
 WARPS = {"denser-late": 0.9, "denser-early": 1.15}  # exponent of the spacing warp u -> u**g
 DRIFT_POWERS = (0.5, 1.0)  # candidates "drift-0.5", "drift-1": error ~ accumulated drift**p
+STEP_RULES = ("hold", "linear")  # each gate is a candidate under each rule ("even", "even+linear")
 
 
 def check_targets(target_speedup: float | None, min_psnr: float | None) -> None:
@@ -132,9 +136,18 @@ def computed_for_speedup(template: CachePlan, target_speedup: float) -> int:
     return max(n for n in range(2, steps + 1) if ideal_speedup(template, n) >= target_speedup)
 
 
+def candidate_plans(template: CachePlan, gates: dict[str, np.ndarray]) -> dict[str, CachePlan]:
+    """Every gate under every step-reuse rule: ``name`` (hold) and ``name+linear``."""
+    return {
+        name if rule == "hold" else f"{name}+{rule}": gate_plan(template, gate, step_reuse=rule)
+        for name, gate in gates.items()
+        for rule in STEP_RULES
+    }
+
+
 def _choose(template: CachePlan, gates: dict[str, np.ndarray], measure: Measure | None, provenance: dict):
     """The best measured candidate (ties: the first), with every candidate's figure recorded."""
-    plans = {name: gate_plan(template, gate) for name, gate in gates.items()}
+    plans = candidate_plans(template, gates)
     if measure is None:
         name, scores = "even", {}
     else:
@@ -145,7 +158,7 @@ def _choose(template: CachePlan, gates: dict[str, np.ndarray], measure: Measure 
         name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
     recorded = {n: round(v, 3) if math.isfinite(v) else None for n, v in scores.items()}  # JSON: no inf
     record = {**provenance, "mode": "budget", "candidate": name, "candidates_psnr": recorded}
-    return gate_plan(template, gates[name], record), scores.get(name)
+    return replace(plans[name], calibration=record), scores.get(name)
 
 
 def budget_plan(
@@ -203,14 +216,18 @@ def plan_for_psnr(
 ) -> CachePlan:
     """The fastest whole-step plan that ``measure`` finds at least ``min_psnr`` dB faithful.
 
-    Binary search on the number of computed steps with the evenly spaced schedule, then all
-    candidates at that count and at one step fewer. Computing every step always qualifies.
+    Binary search on the number of computed steps with the evenly spaced schedule (under
+    either step-reuse rule), then all candidates at that count and at one step fewer.
+    Computing every step always qualifies.
     """
     check_targets(None, min_psnr)
     steps = template.steps
 
     def even_passes(n: int) -> bool:
-        return n >= steps or measure([gate_plan(template, spaced_gate(steps, n))])[0] >= min_psnr
+        if n >= steps:
+            return True
+        even = {"even": spaced_gate(steps, n)}
+        return max(measure(list(candidate_plans(template, even).values()))) >= min_psnr
 
     low, high = 2, steps  # invariant: high passes
     while low < high:

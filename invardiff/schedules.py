@@ -40,17 +40,27 @@ def spaced_gate(steps: int, computed: int) -> np.ndarray:
     return gate
 
 
-def gate_plan(template: CachePlan, gate: np.ndarray, calibration: dict | None = None) -> CachePlan:
+def gate_plan(
+    template: CachePlan, gate: np.ndarray, calibration: dict | None = None, step_reuse: str = "hold"
+) -> CachePlan:
     """A plan for ``template``'s model and target that reuses exactly the steps in ``gate``.
 
     Module flags are True on reused steps (nothing runs there) and False elsewhere, so every
-    computed step computes every module. ``calibration`` replaces the template's provenance.
+    computed step computes every module. ``calibration`` replaces the template's provenance;
+    ``step_reuse`` is the reused steps' rule (``"hold"``, or ``"linear"``: docs/step-reuse.md).
     """
     gate = np.asarray(gate, dtype=bool)
     if gate.shape != (template.steps,):
         raise ValueError(f"step gate has shape {gate.shape}, the plan has {template.steps} steps")
     modules = {kind: np.repeat(gate[:, None], layers, axis=1) for kind, layers in template.layer_counts().items()}
-    return replace(template, step_gate=gate, modules=modules, calibration=dict(calibration or {}), extras={})
+    return replace(
+        template,
+        step_gate=gate,
+        modules=modules,
+        calibration=dict(calibration or {}),
+        extras={},
+        step_reuse=step_reuse,
+    )
 
 
 def every_k_plan(template: CachePlan, k: int) -> CachePlan:

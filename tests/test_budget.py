@@ -11,6 +11,7 @@ import invardiff
 from invardiff.budget import (
     budget_plan,
     candidate_gates,
+    candidate_plans,
     check_targets,
     computed_for_speedup,
     drift_from_ratios,
@@ -18,7 +19,7 @@ from invardiff.budget import (
 )
 from invardiff.cli import main
 from invardiff.holdout import holdout_measure
-from invardiff.schedules import every_k_gate, every_k_plan, gate_plan, spaced_gate
+from invardiff.schedules import every_k_gate, every_k_plan, spaced_gate
 
 FLUX_LAYERS = {"attn": 2, "context_attn": 2, "ff": 2, "context_ff": 2, "single_attn": 6, "single_mlp": 6}
 STEPS = 28
@@ -124,28 +125,30 @@ def evaluate(flux):
     return holdout_measure(flux, EVALUATION)
 
 
-def test_budget_plan_is_level_with_every_k_and_beats_the_reference_rules(flux, evaluate):
+def test_budget_plan_beats_every_k_and_the_reference_rules(flux, evaluate):
     reference = invardiff.calibrate(flux, CALIBRATION, mode="reference", preset="fast")
     target = reference.summary().ideal_speedup
     plan = invardiff.calibrate(flux, CALIBRATION, target_speedup=target, holdout=HOLDOUT)
-    every_3 = every_k_plan(plan, 3)  # the nearest fixed schedule: ideal 2.80x
+    every_3 = every_k_plan(plan, 3)  # the nearest fixed schedule (held steps): ideal 2.80x
     assert plan.summary().ideal_speedup >= target > every_3.summary().ideal_speedup
+    assert every_3.step_reuse == "hold"  # a fixed schedule never inherits the plan's rule
     assert plan.calibration["mode"] == "budget" and plan.calibration["holdout"][0]["seed"] == 300
     psnr_plan, psnr_reference, psnr_every_3 = evaluate([plan, reference, every_3])
-    # measured here: budget 37.2 dB (2.89x), reference fast 35.6 dB (2.89x), every-3 38.0 dB (2.80x)
-    assert psnr_plan >= psnr_reference + 1.0
-    assert psnr_plan >= psnr_every_3 - 2.0
+    # measured here: budget 43.4 dB (2.92x, even+linear), reference fast 35.6 dB (2.92x),
+    # every-3 38.0 dB (2.80x)
+    assert psnr_plan >= psnr_reference + 3.0
+    assert psnr_plan >= psnr_every_3 + 2.0
 
 
-def test_budget_at_every_k_speedup_is_no_worse_than_every_k(flux, evaluate):
+def test_budget_at_every_k_speedup_beats_every_k_by_a_decibel(flux, evaluate):
     every_4 = every_k_plan(flux_template(), 4)
     plan = invardiff.calibrate(flux, CALIBRATION, target_speedup=every_4.summary().ideal_speedup, holdout=HOLDOUT)
     assert plan.summary().ideal_speedup >= every_4.summary().ideal_speedup
     psnr_plan, psnr_every_4 = evaluate([plan, every_k_plan(plan, 4)])
-    # measured here: 35.1 vs 35.8 dB. The candidates differ by tenths of a dB, and a 4-sample
-    # selection set picked "denser-late" (+0.2 dB there, -0.75 dB on these fresh seeds):
-    # level within selection noise, not better (docs/plan-quality.md).
-    assert psnr_plan >= psnr_every_4 - 1.0
+    # measured here: 41.8 vs 35.8 dB (the search picked even+last+linear). Among held-step
+    # placements alone the candidates differ by tenths of a dB (docs/plan-quality.md); the
+    # extrapolated rule is what wins (docs/step-reuse.md).
+    assert psnr_plan >= psnr_every_4 + 1.0
 
 
 def test_min_psnr_holds_on_held_out_seeds_and_is_the_fastest(flux):
@@ -154,7 +157,8 @@ def test_min_psnr_holds_on_held_out_seeds_and_is_the_fastest(flux):
     held = holdout_measure(flux, HOLDOUT)
     assert chosen >= 40.0 and held([plan])[0] == pytest.approx(chosen, abs=1e-3)
     computed = int((~plan.step_gate).sum())
-    assert held([gate_plan(plan, spaced_gate(STEPS, computed - 1))])[0] < 40.0
+    one_fewer = candidate_plans(plan, {"even": spaced_gate(STEPS, computed - 1)})  # both rules
+    assert max(held(list(one_fewer.values()))) < 40.0
     # On other seeds the figure moves with the samples (measured: 41.6 dB on this 4-sample set,
     # 36.5 dB on EVALUATION): the guarantee is as good as the held-out set is representative.
 
@@ -194,3 +198,12 @@ def test_api_refuses_bad_targets_before_running(flux):
             invardiff.calibrate(flux, CALIBRATION, **kwargs)
     with pytest.raises(ValueError, match="reuse calibration seed"):
         invardiff.calibrate(flux, CALIBRATION, target_speedup=2.0, holdout=CALIBRATION[:1])
+
+
+def test_every_placement_is_a_candidate_under_both_step_reuse_rules():
+    template = flux_template()
+    plans = candidate_plans(template, candidate_gates(STEPS, 10))
+    assert {"even", "even+linear", "even+last", "even+last+linear"} <= set(plans)
+    for name, plan in plans.items():
+        assert plan.step_reuse == ("linear" if name.endswith("+linear") else "hold")
+    assert np.array_equal(plans["even"].step_gate, plans["even+linear"].step_gate)
