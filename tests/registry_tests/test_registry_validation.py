@@ -175,9 +175,9 @@ def test_revoke_repairs_a_model_made_ambiguous_by_a_legacy_duplicate(cli, config
 
 
 def test_migration_0002_makes_legacy_target_hashes_canonical(database_url, tmp_path):
-    from registry.store import open_store
-
     from alembic import command
+
+    from registry.store import open_store
 
     engine = db.create(database_url, must_exist=False)
     db.upgrade(engine)
