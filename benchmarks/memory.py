@@ -38,6 +38,7 @@ from benchmarks import peer_methods as pm
 from invardiff import CachePlan, all_compute_plan
 from invardiff.cli import builtin_settings, calibration_calls
 from invardiff.models import BUILTIN_MODELS, load_builtin
+from invardiff.schedules import every_k_plan
 
 TOLERANCE = 0.10
 
@@ -151,7 +152,7 @@ def plans(name: str, pipe, trajectories: int) -> dict[str, CachePlan]:
     chosen = {
         p: invardiff.calibrate(pipe, calls, preset=p, model_id=name) for p in ("fast", "slow")
     }
-    chosen["every 3rd step"] = pm.every_k_plan(pm.template_plan(pipe, setup), 3)
+    chosen["every 3rd step"] = every_k_plan(pm.template_plan(pipe, setup), 3)
     return chosen
 
 

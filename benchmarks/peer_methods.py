@@ -105,23 +105,6 @@ def template_plan(pipe: DiffusionPipeline, setup: ModelSetup) -> CachePlan:
     return all_compute_plan(setup.arch, setup.steps, layers, target=target, geometry=geometry)
 
 
-def every_k_gate(steps: int, k: int) -> np.ndarray:
-    """Step gate (True = reuse) computing steps 0, k, 2k, ... and the last step."""
-    gate = np.ones(steps, dtype=bool)
-    gate[::k] = False
-    gate[-1] = False
-    return gate
-
-
-def every_k_plan(template: CachePlan, k: int) -> CachePlan:
-    """FORA-style: compute every k-th step whole, reuse the steps between whole."""
-    gate = every_k_gate(template.steps, k)
-    modules = {
-        kind: np.repeat(gate[:, None], n, axis=1) for kind, n in template.layer_counts().items()
-    }
-    return template.with_flags(gate, modules)
-
-
 def plan_method(family: str, setting: str, make: Callable[[CachePlan], CachePlan]) -> Method:
     """A fixed plan built from the model's all-compute template."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -40,9 +41,10 @@ from invardiff import metrics
 from invardiff.cli import builtin_settings, calibration_calls
 from invardiff.models import BUILTIN_MODELS, load_builtin
 from invardiff.models.digits import sample
+from invardiff.schedules import every_k_plan
 
-# InvarDiff points: both presets and points between/around them. A budget point is one more
-# entry, e.g. {"target_speedup": 2.5} (calibrate reports it as unsupported until it exists).
+# InvarDiff points: both presets and points between/around them (the reference rules), then
+# budget points over the range the peers cover (TARGET_SPEEDUPS).
 INVARDIFF_SWEEP: dict[str, list[dict[str, Any]]] = {
     "dit": [
         {"preset": "fast"}, {"preset": "slow"},
@@ -57,7 +59,7 @@ INVARDIFF_SWEEP: dict[str, list[dict[str, Any]]] = {
         {"preset": "fast", "max_consecutive": 1}, {"preset": "fast", "max_consecutive": 2},
     ],
 }  # fmt: skip
-TARGET_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5)
+TARGET_SPEEDUPS = (1.1, 1.5, 2.0, 2.5, 3.0, 3.25, 3.5, 4.0, 5.0)
 
 FAMILIES = (
     "full",
@@ -75,8 +77,9 @@ NOISE = 0.05  # relative timing noise allowed when asking "as fast, within noise
 # speed-up axes: wall clock, process CPU time (less sensitive to other load), FLOPs (exact)
 AXES = {"speedup": "wall clock", "cpu_speedup": "CPU time", "flop_speedup": "FLOPs"}
 BLOCK_KEY = re.compile(r"\.(single_)?transformer_blocks\.\d+$")
-TIMING_NOTE = ("wall-clock on a shared, busy 2-core CPU machine: speed-ups are noisy; "
-               "PSNR, SSIM and FLOP fractions are exact")  # fmt: skip
+TIMING_NOTE = ("wall-clock on a {cores}-core CPU machine, load average {load_before:.2f} before and "
+               "{load_after:.2f} after the run (the run itself adds about its thread count): speed-ups "
+               "are medians of interleaved rounds; PSNR, SSIM and FLOP fractions are exact")  # fmt: skip
 
 
 def methods(arch: str, families: set[str], every_k: list[int]) -> list[pm.Method]:
@@ -90,7 +93,7 @@ def methods(arch: str, families: set[str], every_k: list[int]) -> list[pm.Method
             chosen.append(pm.invardiff_plan(_setting(params), **params))
     if "every-k" in families:
         chosen += [
-            pm.plan_method("every-k", f"k={k}", lambda t, k=k: pm.every_k_plan(t, k))
+            pm.plan_method("every-k", f"k={k}", lambda t, k=k: every_k_plan(t, k))
             for k in every_k
         ]
     if "fbc" in families:
@@ -289,6 +292,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _series(row: dict[str, Any]) -> str:
+    """The scatter's series: the family, InvarDiff split into budget plans and reference rules."""
+    if row["family"] != INVARDIFF:
+        return row["family"]
+    return f"{INVARDIFF} budget" if row["setting"].startswith("target") else f"{INVARDIFF} reference rules"
+
+
 def plot(name: str, model: dict[str, Any], path: Path) -> None:
     """One panel per speed-up axis (wall clock, CPU time, FLOPs) against PSNR, one marker per
     family, with the Pareto front of each."""
@@ -298,7 +308,7 @@ def plot(name: str, model: dict[str, Any], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     rows = [r for r in model["methods"] if r["status"] == "ok" and not r["identical"]]
-    families = list(dict.fromkeys(r["family"] for r in rows))
+    families = list(dict.fromkeys(_series(r) for r in rows))
     markers = "o^sDvP*Xh<>"
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.4), sharey=True)
     labels = (
@@ -308,8 +318,8 @@ def plot(name: str, model: dict[str, Any], path: Path) -> None:
     )
     for ax, axis, label in zip(axes, AXES, labels):
         for i, family in enumerate(families):
-            pts = [(r[axis], r["psnr_db"]) for r in rows if r["family"] == family]
-            ax.scatter(*zip(*pts), marker=markers[i % len(markers)], s=60 if family == INVARDIFF else 36,
+            pts = [(r[axis], r["psnr_db"]) for r in rows if _series(r) == family]
+            ax.scatter(*zip(*pts), marker=markers[i % len(markers)], s=60 if family.startswith(INVARDIFF) else 36,
                        label=family, zorder=3)  # fmt: skip
         front = sorted((r[axis], r["psnr_db"]) for r in rows if r.get(f"pareto_{axis}"))
         if front:
@@ -338,7 +348,7 @@ def meta(args) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "cache_dit": cache_dit,
         "samples": args.samples, "batch": args.batch, "repeats": args.repeats,
-        "trajectories": args.trajectories, "timing_note": TIMING_NOTE,
+        "trajectories": args.trajectories, "load_before": os.getloadavg()[0],
     }  # fmt: skip
 
 
@@ -375,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"meta": meta(args), "models": {}}
     for name in args.models:
         result["models"][name] = run_model(name, args, say)
+    info = result["meta"]
+    info["load_after"] = os.getloadavg()[0]
+    info["timing_note"] = TIMING_NOTE.format(cores=os.cpu_count(), **info)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     (args.out / "peers.md").write_text(markdown(result) + "\n")

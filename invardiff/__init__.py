@@ -34,8 +34,8 @@ __all__ = [
     "PlanTarget",
     "all_compute_plan",
     "load_plan",
-    *_LAZY,
 ]
+__all__ += list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -2,11 +2,13 @@
 
 Pure functions over merged phase-1 statistics (numpy only). A budget fixes how many steps are
 computed; candidates place them differently (evenly spaced, the every-k schedule, denser late
-or early, and a dynamic program over the drift the statistics record), and a caller-supplied
-``measure(plans) -> [PSNR dB]`` on held-out seeds picks among them. Every placement is
-measured with both step-reuse rules (hold the last computed hidden state, or extrapolate it
-linearly: docs/step-reuse.md). Even spacing with held steps (every-k's rule) is always a
-candidate, so a measured choice never does worse than it (docs/plan-quality.md).
+or early, and a dynamic program over the drift the statistics record or over a measured step
+sensitivity profile), and a caller-supplied ``measure(plans) -> [PSNR dB]`` on held-out seeds
+picks among them. The profile (:func:`step_sensitivity`) is the held-out error of reusing each
+single step, measured once per search. Every placement is measured with both step-reuse rules
+(hold the last computed hidden state, or extrapolate it linearly: docs/step-reuse.md). Even
+spacing with held steps (every-k's rule) is always a candidate, so a measured choice never
+does worse than it (docs/plan-quality.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .schedules import every_k_gate, gate_plan, spaced_gate
 Measure = Callable[[list[CachePlan]], list[float]]  # fidelity (PSNR dB, higher is better) per plan
 WARPS = {"denser-late": 0.9, "denser-early": 1.15}  # exponent of the spacing warp u -> u**g
 DRIFT_POWERS = (0.5, 1.0)  # candidates "drift-0.5", "drift-1": error ~ accumulated drift**p
+SENSITIVITY_POWERS = (0.5, 1.0)  # candidates "sensitivity-0.5", "sensitivity-1" (measured profile)
+PROFILE_RULE = "linear"  # the step-reuse rule the sensitivity profile is measured under
 STEP_RULES = ("hold", "linear")  # each gate is a candidate under each rule ("even", "even+linear")
 
 
@@ -84,6 +88,33 @@ def drift_gate(weights: np.ndarray, computed: int) -> np.ndarray:
     return gate
 
 
+def single_step_plans(template: CachePlan, rule: str = PROFILE_RULE) -> list[CachePlan]:
+    """One plan per inner step ``1 .. T-2`` reusing that step alone under ``rule``."""
+    plans = []
+    for step in range(1, template.steps - 1):
+        gate = np.zeros(template.steps, dtype=bool)
+        gate[step] = True
+        plans.append(gate_plan(template, gate, step_reuse=rule))
+    return plans
+
+
+def step_sensitivity(template: CachePlan, measure: Measure) -> np.ndarray:
+    """Measured cost of reusing each step: ``10**(-PSNR/10)`` (the mean squared error of
+    images in [0, 1]) of the plan reusing that step alone, every other step computed, under
+    :data:`PROFILE_RULE`. The first and last step, never reused, get the largest cost.
+
+    ``T - 2`` measured plans; the weights of :func:`drift_gate` for the "sensitivity" candidates.
+    """
+    plans = single_step_plans(template)
+    if not plans:
+        return np.ones(template.steps)
+    psnr = np.asarray([float(v) for v in measure(plans)], dtype=np.float64)
+    if len(psnr) != len(plans):
+        raise ValueError(f"measure returned {len(psnr)} values for {len(plans)} plans")
+    cost = np.power(10.0, -psnr / 10.0)  # inf dB (no change at all) -> 0
+    return np.concatenate([[cost.max()], cost, [cost.max()]])
+
+
 def warped_gate(steps: int, computed: int, power: float) -> np.ndarray:
     """Computed steps at ``round((T-1) * u**power)`` for u evenly spaced in [0, 1]
     (power < 1: denser late, > 1: denser early); duplicates fall back to even spacing."""
@@ -96,10 +127,13 @@ def warped_gate(steps: int, computed: int, power: float) -> np.ndarray:
     return gate
 
 
-def candidate_gates(steps: int, computed: int, drift: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def candidate_gates(
+    steps: int, computed: int, drift: np.ndarray | None = None, sensitivity: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Named step gates with exactly ``computed`` computed steps, duplicates removed.
 
-    Always holds ``"even"``; ``"every-k"`` when that schedule computes as many steps.
+    Always holds ``"even"``; ``"every-k"`` when that schedule computes as many steps;
+    ``"drift-p"`` and ``"sensitivity-p"`` when those per-step weights are given.
     """
     gates = {"even": spaced_gate(steps, computed)}
     if computed >= 3:  # even spacing over all but the last step, which is computed too (every-k's tail)
@@ -112,6 +146,9 @@ def candidate_gates(steps: int, computed: int, drift: np.ndarray | None = None) 
     if drift is not None:
         for power in DRIFT_POWERS:
             gates[f"drift-{power:g}"] = drift_gate(np.asarray(drift) ** power, computed)
+    if sensitivity is not None:
+        for power in SENSITIVITY_POWERS:
+            gates[f"sensitivity-{power:g}"] = drift_gate(np.asarray(sensitivity) ** power, computed)
     unique: dict[str, np.ndarray] = {}
     for name, gate in gates.items():
         if not any(np.array_equal(gate, seen) for seen in unique.values()):
@@ -176,15 +213,27 @@ def budget_plan(
     ``phase1`` is ``merge_scores(phase-1 stats)`` (its ``"hidden"`` ratios give the drift
     candidates; ``None`` leaves them out). Exactly one of ``target_speedup`` (most faithful
     plan with at least that ideal speed-up) and ``min_psnr`` (fastest plan keeping that many
-    dB on held-out seeds; needs ``measure``) is given.
+    dB on held-out seeds; needs ``measure``) is given. With a ``measure``, the step
+    sensitivity profile is measured first (``T - 2`` plans) and recorded as ``step_psnr``.
     """
     check_targets(target_speedup, min_psnr)
-    drift = None if phase1 is None else drift_from_ratios(np.asarray(phase1["hidden"]), flag_index)
-    if target_speedup is not None:
-        return plan_for_speedup(template, target_speedup, drift, measure, provenance)
-    if measure is None:
+    if min_psnr is not None and measure is None:
         raise ValueError("min_psnr needs a measure: fidelity is measured on held-out seeds")
-    return plan_for_psnr(template, min_psnr, measure, drift, provenance)
+    drift = None if phase1 is None else drift_from_ratios(np.asarray(phase1["hidden"]), flag_index)
+    sensitivity = None
+    provenance = dict(provenance or {})
+    if measure is not None:
+        sensitivity = step_sensitivity(template, measure)
+        provenance["step_psnr"] = _profile_record(sensitivity)
+    if target_speedup is not None:
+        return plan_for_speedup(template, target_speedup, drift, measure, provenance, sensitivity)
+    return plan_for_psnr(template, min_psnr, measure, drift, provenance, sensitivity)
+
+
+def _profile_record(sensitivity: np.ndarray) -> list[float | None]:
+    """The profile as PSNR dB per inner step (JSON: None where reuse changed nothing)."""
+    inner = sensitivity[1:-1]
+    return [round(float(-10.0 * np.log10(c)), 2) if c > 0 else None for c in inner]
 
 
 def plan_for_speedup(
@@ -193,16 +242,23 @@ def plan_for_speedup(
     drift: np.ndarray | None = None,
     measure: Measure | None = None,
     provenance: dict | None = None,
+    sensitivity: np.ndarray | None = None,
 ) -> CachePlan:
     """The most faithful whole-step plan whose ideal speed-up is at least ``target_speedup``.
 
-    ``template`` supplies model, target and geometry; ``drift`` (``drift_from_ratios``) adds
-    candidates placed by the statistics; ``measure`` scores candidates on held-out seeds
-    (without it the evenly spaced schedule is returned).
+    ``template`` supplies model, target and geometry; ``drift`` (``drift_from_ratios``) and
+    ``sensitivity`` (``step_sensitivity``) add candidates placed by those weights; ``measure``
+    scores candidates on held-out seeds (without it the evenly spaced schedule is returned).
+    Candidates compute the most steps the budget allows, n, and, with a ``measure``, n - 1
+    (named ``name@n-1``): a faster plan that measures better is the better answer, so a
+    higher target never yields a more faithful plan than a lower one.
     """
     check_targets(target_speedup, None)
     computed = computed_for_speedup(template, target_speedup)
-    gates = candidate_gates(template.steps, computed, drift)
+    gates = candidate_gates(template.steps, computed, drift, sensitivity)
+    if measure is not None and computed > 2:
+        fewer = candidate_gates(template.steps, computed - 1, drift, sensitivity)
+        gates.update({f"{name}@{computed - 1}": gate for name, gate in fewer.items()})
     provenance = {**(provenance or {}), "target_speedup": float(target_speedup)}
     return _choose(template, gates, measure, provenance)[0]
 
@@ -213,33 +269,37 @@ def plan_for_psnr(
     measure: Measure,
     drift: np.ndarray | None = None,
     provenance: dict | None = None,
+    sensitivity: np.ndarray | None = None,
 ) -> CachePlan:
     """The fastest whole-step plan that ``measure`` finds at least ``min_psnr`` dB faithful.
 
-    Binary search on the number of computed steps with the evenly spaced schedule (under
-    either step-reuse rule), then all candidates at that count and at one step fewer.
-    Computing every step always qualifies.
+    Binary search on the number of computed steps with the evenly spaced schedule and, given
+    ``sensitivity``, the profile's placement (each under either step-reuse rule), then all
+    candidates at that count and at one step fewer. Computing every step always qualifies.
     """
     check_targets(None, min_psnr)
     steps = template.steps
 
-    def even_passes(n: int) -> bool:
+    def probe_passes(n: int) -> bool:
         if n >= steps:
             return True
-        even = {"even": spaced_gate(steps, n)}
-        return max(measure(list(candidate_plans(template, even).values()))) >= min_psnr
+        probes = {"even": spaced_gate(steps, n)}
+        if sensitivity is not None:
+            probes["sensitivity"] = drift_gate(np.asarray(sensitivity) ** SENSITIVITY_POWERS[0], n)
+        return max(measure(list(candidate_plans(template, probes).values()))) >= min_psnr
 
     low, high = 2, steps  # invariant: high passes
     while low < high:
         mid = (low + high) // 2
-        if even_passes(mid):
+        if probe_passes(mid):
             high = mid
         else:
             low = mid + 1
     provenance = {**(provenance or {}), "min_psnr": float(min_psnr)}
     for computed in (high - 1, high):
         if 2 <= computed < steps:
-            plan, psnr = _choose(template, candidate_gates(steps, computed, drift), measure, provenance)
+            gates = candidate_gates(steps, computed, drift, sensitivity)
+            plan, psnr = _choose(template, gates, measure, provenance)
             if psnr is not None and psnr >= min_psnr:
                 return plan
     return gate_plan(template, np.zeros(steps, dtype=bool), {**provenance, "mode": "budget", "candidate": "full"})

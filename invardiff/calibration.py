@@ -34,7 +34,7 @@ from .scores import (
     warmup_steps,
 )
 
-CALIBRATOR_VERSION = "1"
+CALIBRATOR_VERSION = "2"  # 2: budget search adds the measured step-sensitivity placements
 MODES = ("budget", "reference")
 
 PRESETS: dict[str, dict[str, dict[str, float]]] = {

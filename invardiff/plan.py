@@ -371,8 +371,8 @@ def executed_modules(plan: CachePlan) -> dict[str, np.ndarray]:
         joint = run["attn"] | run["context_attn"]
         run["attn"] = joint
         run["context_attn"] = joint.copy()
-    for kind in run:
-        run[kind][plan.step_gate] = False
+    for flags in run.values():
+        flags[plan.step_gate] = False
     return run
 
 

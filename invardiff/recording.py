@@ -7,11 +7,16 @@ kept. The step index is the position of the called timestep in the trajectory.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .architectures import MODULE_KINDS, Geometry, layer_lists
 from .scores import ChangeTracker, CorrectionTracker
 from .stepping import find_timestep, timestep_argument, timestep_value
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 HIDDEN = "hidden"  # the score key of H, the step-gate signal
 
@@ -53,7 +58,7 @@ class TrajectoryRecorder:
         return CorrectionTracker(provisional[key][:, layer], flag_index)
 
     # ---- hooks -------------------------------------------------------------------------
-    def __enter__(self) -> TrajectoryRecorder:
+    def __enter__(self) -> Self:
         t = self.transformer
         self._handles.append(t.register_forward_pre_hook(self._on_call, with_kwargs=True))
         for kind in MODULE_KINDS[self.arch]:

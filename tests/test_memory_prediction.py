@@ -10,6 +10,7 @@ from benchmarks import peer_methods as pm
 from benchmarks.memory import trace
 from invardiff.cli import builtin_settings
 from invardiff.models import load_builtin
+from invardiff.schedules import every_k_plan
 
 
 def _plans(pipe, setup: pm.ModelSetup) -> dict[str, invardiff.CachePlan]:
@@ -26,7 +27,7 @@ def _plans(pipe, setup: pm.ModelSetup) -> dict[str, invardiff.CachePlan]:
         flags[0] = False
     plans = {"random": template.with_flags(gate, modules)}
     if setup.arch == "flux":
-        plans["every 3rd"] = pm.every_k_plan(template, 3)
+        plans["every 3rd"] = every_k_plan(template, 3)
     return plans
 
 

@@ -11,6 +11,7 @@ from benchmarks import peer_methods as pm
 from benchmarks.peers import Entry, count_block_flops, main, pareto
 from invardiff.cli import builtin_settings, calibration_calls
 from invardiff.models import load_builtin
+from invardiff.schedules import every_k_plan
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_every_k_block_flops_on_dit():
     """DiT blocks also hold the adaLN embedding: a skipped step still skips all block work."""
     full, setup = _entry(pm.full_compute(), "digits-dit", "dit")
     every_4, _ = _entry(
-        pm.plan_method("every-k", "k=4", lambda t: pm.every_k_plan(t, 4)), "digits-dit", "dit"
+        pm.plan_method("every-k", "k=4", lambda t: every_k_plan(t, 4)), "digits-dit", "dit"
     )
     _, full_flops = count_block_flops(full, [5], setup, 1)
     _, flops = count_block_flops(every_4, [5], setup, 1)

@@ -51,8 +51,28 @@ def batched_call(calls: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]
     return merged, [int(c["seed"]) for c in calls]
 
 
+def held_out(request: CalibrationRequest) -> list[dict[str, Any]]:
+    """The budget search's held-out calls: the calibration calls with fresh seeds."""
+    from invardiff.holdout import check_disjoint, holdout_calls
+
+    held = holdout_calls(request.calls)
+    check_disjoint(request.calls, held)
+    return held
+
+
+def finish_plan(plan, request: CalibrationRequest) -> bytes:
+    """The request's resolution and identity recorded in the plan; its canonical bytes."""
+    target = replace(plan.target, height=request.height, width=request.width)
+    calibration = {
+        **plan.calibration,
+        "job_key": request.job_key,
+        "prompts_sha256": request.prompts_sha256,
+    }
+    return replace(plan, target=target, calibration=calibration).to_bytes()
+
+
 class CalibrationWorker:
-    """Holds one pipeline; computes trajectory statistics, builds and validates plans."""
+    """Holds one pipeline; computes trajectory statistics, builds, measures and validates plans."""
 
     def __init__(
         self,
@@ -84,6 +104,7 @@ class CalibrationWorker:
         self.runner = pipeline_runner(self.pipe)
         self.params = CalibrationParams(**self.request.params)
         self.store = open_store(store_url, s3_endpoint_url)
+        self._measure = None  # the held-out measure, made on first use
         self.load_seconds = time.perf_counter() - started
 
     def ready(self) -> dict[str, Any]:
@@ -130,41 +151,36 @@ class CalibrationWorker:
         request = self.request
         plan = build_plan(self.pipe, request.calls, self.params, first, second,
                           model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
-        return self._finish(plan)
+        return finish_plan(plan, request)
 
-    def build_budget(self, phase1: list[bytes]) -> bytes:
-        """A budget-targeted plan (``invardiff.budget``) from the phase-1 statistics.
-
-        Candidates are measured on held-out calls (the calibration calls with fresh seeds).
-        """
-        from invardiff.budget import budget_plan
-        from invardiff.holdout import check_disjoint, holdout_calls, holdout_measure
+    def budget_start(self, phase1: list[bytes]) -> dict[str, Any]:
+        """What the driver's budget search starts from (``invardiff.budget.budget_plan``): the
+        all-compute template plan (target, layer counts, geometry) and the provenance record."""
+        from invardiff.calibration import TrajectoryStats, _jsonable, provenance
         from invardiff.targeted import template_plan
 
-        from invardiff.calibration import TrajectoryStats, _jsonable, merge_scores, provenance
-
         request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
-        held = holdout_calls(request.calls)
-        check_disjoint(request.calls, held)
         template = template_plan(self.pipe, request.calls, stats,
                                  model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
         record = {**provenance(request.calls, self.params), "params": {"flag_index": self.params.flag_index},
-                  "holdout": _jsonable(held)}  # fmt: skip
-        plan = budget_plan(template, merge_scores(stats), **request.budget,
-                           measure=holdout_measure(self.pipe, held), flag_index=self.params.flag_index,
-                           provenance=record)  # fmt: skip
-        return self._finish(plan)
-
-    def _finish(self, plan) -> bytes:
-        """The request's resolution and identity recorded in the plan; its canonical bytes."""
-        request = self.request
-        target = replace(plan.target, height=request.height, width=request.width)
-        calibration = {
-            **plan.calibration,
-            "job_key": request.job_key,
-            "prompts_sha256": request.prompts_sha256,
+                  "holdout": _jsonable(held_out(request))}  # fmt: skip
+        return {
+            "template": template.to_bytes(),
+            "record": record,
+            "flag_index": self.params.flag_index,
         }
-        return replace(plan, target=target, calibration=calibration).to_bytes()
+
+    def measure(self, index: int, plan_bytes: bytes) -> dict[str, Any]:
+        """Held-out PSNR (dB) of one plan against full compute (the budget search's measure,
+        ``invardiff.holdout.holdout_measure`` on the request's held-out calls; the full-compute
+        references are computed on this worker's first call)."""
+        from invardiff.holdout import holdout_measure
+        from invardiff.plan import CachePlan
+
+        if self._measure is None:
+            self._measure = holdout_measure(self.pipe, held_out(self.request))
+        (psnr,) = self._measure([CachePlan.from_bytes(plan_bytes)])
+        return {"index": index, "psnr": psnr, "pid": os.getpid()}
 
     def _sample(self, call: dict[str, Any], seeds: list[int]):
         import numpy as np

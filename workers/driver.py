@@ -10,8 +10,9 @@ scheduler call it):
 3. Phase 1 shards missing from the store are computed by the actors (one trajectory each,
    written once under ``jobs/<job_key>/phase-1/<index>``); the merged statistics give the
    provisional flags, broadcast for phase 2, likewise.
-4. One worker builds the plan from the stored shards in index order, then validates it on
-   held-out seeds; the plan is published with its metrics, the quality gate decides on
+4. One worker builds the plan from the stored shards in index order (a budget request:
+   the driver runs the budget search, its held-out measurements fanned out over the workers,
+   one plan per task), then validates it on held-out seeds; the plan is published with its metrics, the quality gate decides on
    promotion, and the job row records the result.
 """
 
@@ -283,13 +284,15 @@ class _Run:
             self.pool = pool
             phase1 = self._phase(1, None)
             if request.budget:  # budget-targeted: phase 1 statistics, then a measured search
-                self.say(f"building the plan for the budget {request.budget}")
-                build = ("build_budget", phase1)
+                self.say(f"searching the plan for the budget {request.budget}")
+                plan_bytes = self._timed("build_s", self._budget, phase1)
             else:
                 provisional = self._timed("barrier_s", self._provisional, phase1)
-                build = ("build", phase1, self._phase(2, provisional))
+                phase2 = self._phase(2, provisional)
                 self.say("building the plan")
-            plan_bytes = self._timed("build_s", pool.call_one, *build, tick=self.beat.check)
+                plan_bytes = self._timed(
+                    "build_s", pool.call_one, "build", phase1, phase2, tick=self.beat.check
+                )
             validation = self._validate(plan_bytes)
             workers = pool.workers()
             self.restarts = pool.restarts
@@ -297,6 +300,43 @@ class _Run:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)
         return self._publish(plan_bytes, validation, workers, attempts)
+
+    def _budget(self, phase1: list[bytes]) -> bytes:
+        """The budget search (``invardiff.budget.budget_plan``) here, its held-out
+        measurements fanned out over the workers, one plan per task."""
+        from invardiff.budget import budget_plan
+        from invardiff.calibration import TrajectoryStats, merge_scores
+        from invardiff.plan import CachePlan
+
+        from .actors import finish_plan
+
+        start = self.pool.call_one("budget_start", phase1, tick=self.beat.check)
+        stats = [TrajectoryStats.from_bytes(b) for b in phase1]
+        plan = budget_plan(CachePlan.from_bytes(start["template"]), merge_scores(stats),
+                           **self.request.budget, measure=self._measure, flag_index=start["flag_index"],
+                           provenance=start["record"])  # fmt: skip
+        return finish_plan(plan, self.request)
+
+    def _measure(self, plans: list) -> list[float]:
+        """``measure(plans)`` of the budget search, over the pool (see ``CalibrationWorker.measure``)."""
+        blobs = [plan.to_bytes() for plan in plans]
+        values: list[float | None] = [None] * len(blobs)
+        started, pids = time.perf_counter(), []
+
+        def record(result: dict[str, Any]) -> None:
+            values[result["index"]] = result["psnr"]
+            pids.append(result["pid"])
+            self.beat.progress["measure"] = {"done": len(pids), "total": len(blobs)}
+
+        self.pool.map(range(len(blobs)), lambda actor, i: actor.measure.remote(i, blobs[i]),
+                      record, tick=self.beat.check)  # fmt: skip
+        seconds = time.perf_counter() - started
+        totals = self.phases.setdefault("measure", {"plans": 0, "seconds": 0.0, "workers": 0})
+        totals["plans"] += len(blobs)
+        totals["seconds"] = round(totals["seconds"] + seconds, 3)
+        totals["workers"] = max(totals["workers"], len(set(pids)))
+        self.say(f"measured {len(blobs)} plan(s) on held-out calls in {seconds:.1f} s")
+        return [float(v) for v in values]
 
     def _timed(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()

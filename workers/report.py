@@ -42,20 +42,24 @@ def validation_grid(full: np.ndarray, cached: np.ndarray, columns: int = 16) -> 
 
 def plan_heatmap(plan) -> np.ndarray:
     """RGB uint8: the step gate on top, then one panel per module kind (layers down, steps
-    across), each labelled. Dark = computed, light grey = module reused, orange = the whole
-    step reused (the gate), which also tints its column in every panel.
+    across), each labelled, and a legend. Dark = computed, light grey = module reused, orange =
+    the whole step reused (the gate; held or extrapolated by the plan's step rule), which also
+    tints its column in every panel.
     """
     from PIL import Image, ImageDraw
 
-    cell, margin, gap = 6, 96, 4
+    cell, margin, gap, line = 6, 96, 4, 14
     gate = np.asarray(plan.step_gate, dtype=bool)
-    panels = [("step gate", np.where(gate[None, :], 2, 0))]
+    panels = [("step gate", np.where(gate[None, :], 2, 0).repeat(2, axis=0))]  # label height
     for kind in sorted(plan.modules):
         flags = np.asarray(plan.modules[kind], dtype=bool).T.astype(int)  # layers x steps
         panels.append((f"{kind} ({flags.shape[0]})", np.where(gate[None, :], 2, flags)))
     palette = np.array([[25, 25, 25], [215, 215, 215], [245, 150, 40]], dtype=np.uint8)
-    height = sum(p.shape[0] * cell + gap for _, p in panels) + 14
-    canvas = Image.new("RGB", (margin + plan.steps * cell + 4, height), "white")
+    step_rule = "extrapolated" if plan.step_reuse == "linear" else "held"
+    legend = [(0, "computed"), (1, "module reused"), (2, f"whole step {step_rule}")]
+    height = sum(p.shape[0] * cell + gap for _, p in panels) + line * (1 + len(legend))
+    width = max(margin + plan.steps * cell + 4, 220)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     top = 0
     for label, codes in panels:
@@ -64,6 +68,10 @@ def plan_heatmap(plan) -> np.ndarray:
         draw.text((2, top), label, fill="black")
         top += block.shape[0] + gap
     draw.text((margin, top), f"steps 0..{plan.steps - 1} ->", fill="black")
+    for code, label in legend:
+        top += line
+        draw.rectangle((2, top + 2, 11, top + 11), fill=tuple(palette[code]), outline="black")
+        draw.text((16, top), label, fill="black")
     return np.asarray(canvas)
 
 

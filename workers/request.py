@@ -60,11 +60,19 @@ class CalibrationRequest:
     versions: dict[str, str]
     validation: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y}
+    # A scheduled refresh of an unchanged setup (age, an operator's mark): "<plan sha256>@<time
+    # it was calibrated>", so that the job is new and computed afresh, not the one that made it.
+    refresh: str | None = None
 
     @property
     def job_key(self) -> str:
-        """sha256 of the canonical request (without the alias name and validation)."""
-        keyed = {k: v for k, v in self.to_json().items() if k not in _UNKEYED}
+        """sha256 of the canonical request (without the alias name and validation; without
+        ``refresh`` when unset, so that requests from before the field keep their keys)."""
+        keyed = {
+            k: v
+            for k, v in self.to_json().items()
+            if k not in _UNKEYED and not (k == "refresh" and v is None)
+        }
         return hashlib.sha256(canonical(keyed)).hexdigest()
 
     @property

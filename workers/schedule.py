@@ -17,8 +17,8 @@ racing insert it once) and hands the job to a dispatcher:
   with the fleet's driver (:func:`workers.driver.submit`), whose lease lets one driver compute.
 
 A setup due only because of age or an operator's mark would give the very request (and job
-key) that already succeeded; its request carries ``versions["refresh"]`` (the plan's sha256
-and last calibration time) so that it is a new job, computed afresh.
+key) that already succeeded; its request's ``refresh`` field (the plan's sha256 and last
+calibration time) makes it a new job, computed afresh.
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ def recalibration_request(registry, due: DuePlan, versions: dict[str, str]) -> C
         )
         request = replace(request, versions=dict(versions))
     if set(due.reasons) <= REFRESH_ONLY:
-        refresh = f"{plan.sha256}@{plan.calibrated_at.isoformat()}"
-        request = replace(request, versions={**request.versions, "refresh": refresh})
+        request = replace(request, refresh=f"{plan.sha256}@{plan.calibrated_at.isoformat()}")
     return request
 
 

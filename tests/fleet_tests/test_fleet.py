@@ -79,6 +79,41 @@ def test_bytes_identical_with_1_2_3_workers_any_order_and_a_killed_worker(
             assert result.worker_restarts >= 1 and result.workers[0]["pid"] != killed[0]
 
 
+def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
+    ray_address, tmp_path, request_
+):
+    """A budget job: phase 1 on the workers, the search's held-out measurements (profile and
+    candidates) spread over them, and the very plan ``invardiff.calibrate`` makes in one process."""
+    import torch
+
+    from invardiff import calibrate
+    from invardiff.models import load_builtin
+
+    budget = build_request(
+        FLUX, trajectories=TRAJECTORIES, validate=0, budget={"target_speedup": 2.8}
+    )
+    torch.set_num_threads(1)
+    pipe = load_builtin("digits-flux")
+    pipe.set_progress_bar_config(disable=True)
+    plan = calibrate(pipe, budget.calls, target_speedup=2.8, model_id=FLUX.source)
+    calibration = {**plan.calibration, "job_key": budget.job_key, "prompts_sha256": None}
+    expected = replace(
+        plan, target=replace(plan.target, height=16, width=16), calibration=calibration
+    )
+    assert len(plan.calibration["step_psnr"]) == 26 and plan.calibration["mode"] == "budget"
+    for workers in (1, 2):
+        registry = open_registry(tmp_path / f"home-{workers}", create=True)
+        registry.init()
+        result = submit(registry, budget, RunOptions(workers=workers, cpus_per_worker=0.5))
+        assert result.created and "phase-2" not in result.phases
+        measured = result.phases["measure"]
+        assert measured["plans"] == 26 + len(plan.calibration["candidates_psnr"])
+        assert measured["workers"] == workers  # every worker measured plans
+        assert registry.store.get(blob_key(result.sha256)) == expected.to_bytes(), (
+            f"{workers} workers"
+        )
+
+
 def test_a_killed_driver_is_resumed_computing_only_the_missing_shards(
     ray_address, home, request_, reference
 ):
@@ -156,6 +191,36 @@ def test_racing_drivers_compute_once_then_gate_promote_report_and_idempotency(
         shown["result"]["version"] == 1 and shown["request"]["calls"] == request_.to_json()["calls"]
     )
     assert shown["progress"]["phase-2"]["done"] == TRAJECTORIES
+
+
+def test_a_marked_plan_is_recalibrated_afresh_by_the_scheduler(
+    ray_address, home, request_, reference
+):
+    """Age or a mark alone: the scheduler's job is new (its own key), runs on the workers and
+    publishes the next version; the mark is then answered and nothing is due."""
+    from invardiff.plan import CachePlan
+
+    runner = CliRunner()
+    args = [*CLI_ARGS, "--validate", "0", "--ray-address", ray_address]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.stderr
+    made = json.loads(first.stdout)
+    mark = runner.invoke(main, ["mark-stale", made["sha256"][:10], "--reason", "banding"])
+    assert mark.exit_code == 0, mark.stderr
+    due = runner.invoke(main, ["recalibrate", "--due", "--ray-address", ray_address, "--json"])
+    assert due.exit_code == 0, due.stderr
+    (entry,) = json.loads(due.stdout)["due"]
+    assert entry["reasons"] == ["marked"] and entry["action"] == "calibrated", entry
+    assert entry["created"] and entry["version"] == made["version"] + 1
+    assert entry["job_key"] not in (request_.job_key, made["job_key"])
+    registry = open_registry(home)
+    fresh = CachePlan.from_bytes(registry.store.get(blob_key(entry["sha256"])))
+    same = CachePlan.from_bytes(reference)  # deterministic: the same plan, another job
+    assert fresh.calibration["job_key"] == entry["job_key"]
+    assert (fresh.step_gate == same.step_gate).all()
+    assert all((fresh.modules[k] == same.modules[k]).all() for k in same.modules)
+    after = runner.invoke(main, ["recalibrate", "--due", "--dry-run", "--json"])
+    assert after.exit_code == 0 and json.loads(after.stdout)["due"] == []
 
 
 def _no_trace(home: Path) -> None:

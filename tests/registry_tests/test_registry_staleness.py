@@ -192,7 +192,7 @@ def test_requests_keep_the_job_and_change_only_what_made_them_stale(registry, tm
         1.25,
         2,
     )
-    assert request.versions == policy.versions and "refresh" not in request.versions
+    assert request.versions == policy.versions and request.refresh is None
     assert recalibration_request(registry, due, policy.versions).job_key == request.job_key
 
     # A plan made by a job: the job's request, re-aimed; age alone asks for a fresh job.
@@ -209,7 +209,7 @@ def test_requests_keep_the_job_and_change_only_what_made_them_stale(registry, tm
         aged = replace(old, reasons={"too_old": {}}, plan=replace(old.plan, calibration={}))
     again = recalibration_request(registry, aged, policy.versions)
     assert again.calls == request.calls and again.params == request.params
-    assert again.versions["refresh"].startswith(old.plan.sha256)
+    assert again.refresh.startswith(old.plan.sha256) and again.versions == policy.versions
     assert again.job_key != request.job_key
 
 
