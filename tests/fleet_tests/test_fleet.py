@@ -114,6 +114,32 @@ def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
         )
 
 
+def test_fidelity_target_on_the_fleet_is_the_in_process_plan_and_holds(ray_address, tmp_path):
+    """``--target-psnr``: the fastest plan keeping the PSNR on the held-out calls, searched
+    with the measurements fanned out, equal to the in-process search."""
+    import torch
+
+    from invardiff import calibrate
+    from invardiff.models import load_builtin
+
+    budget = build_request(FLUX, trajectories=TRAJECTORIES, validate=0, budget={"min_psnr": 45.0})
+    torch.set_num_threads(1)
+    pipe = load_builtin("digits-flux")
+    pipe.set_progress_bar_config(disable=True)
+    plan = calibrate(pipe, budget.calls, min_psnr=45.0, model_id=FLUX.source)
+    calibration = {**plan.calibration, "job_key": budget.job_key, "prompts_sha256": None}
+    expected = replace(
+        plan, target=replace(plan.target, height=16, width=16), calibration=calibration
+    )
+    assert plan.calibration["candidates_psnr"][plan.calibration["candidate"]] >= 45.0
+    assert 1.0 < plan.summary().ideal_speedup < 14.0
+    registry = open_registry(tmp_path / "home", create=True)
+    registry.init()
+    result = submit(registry, budget, RunOptions(workers=2, cpus_per_worker=0.5))
+    assert result.phases["measure"]["workers"] == 2
+    assert registry.store.get(blob_key(result.sha256)) == expected.to_bytes()
+
+
 def test_a_killed_driver_is_resumed_computing_only_the_missing_shards(
     ray_address, home, request_, reference
 ):
