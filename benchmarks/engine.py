@@ -30,7 +30,7 @@ import invardiff
 from invardiff import Geometry, all_compute_plan, cached
 from invardiff.models.tiny import tiny_dit_transformer, tiny_flux_transformer
 
-PLANS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-plans"
+PLANS = Path(__file__).resolve().parents[1] / "reference" / "official-plans"
 # Reference plans (DiT-XL/2, FLUX.1-dev) on random models of their shape: a deliberate reuse.
 REUSE = {"dtype", "guidance"}
 DIT_PLAN = "dit_cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json"

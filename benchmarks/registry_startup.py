@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAN = ROOT.parent / "shared" / "reference" / "official-plans"
+PLAN = ROOT / "reference" / "official-plans"
 TARGET_S = 0.5
 
 

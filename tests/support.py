@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-OFFICIAL_PLANS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-plans"
+OFFICIAL_PLANS = Path(__file__).resolve().parents[1] / "reference" / "official-plans"
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
 

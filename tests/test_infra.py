@@ -2,7 +2,7 @@
 against the CLI's own parser, and the links between manifests and the image.
 
 KubeRay kinds are validated with ``jsonschema`` against the ``openAPIV3Schema`` of the served
-``v1`` version in the KubeRay v1.7.0 CRDs (``../shared/reference/kuberay-crds``), made strict
+``v1`` version in the KubeRay v1.7.0 CRDs (``reference/kuberay-crds``), made strict
 the way ``kubectl --validate=strict`` is (an unknown field is an error); their ``metadata`` is
 checked as an ObjectMeta. Built-in kinds go through ``kubernetes-validate`` (strict, offline).
 Templates are rendered with example values first (``envsubst`` variables).
@@ -27,7 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-CRDS = ROOT.parent / "shared" / "reference" / "kuberay-crds"
+CRDS = ROOT / "reference" / "kuberay-crds"
 KUBERNETES_VERSION = "1.31"
 PROG = "invardiff-registry"
 # Example values for the templates' envsubst variables.

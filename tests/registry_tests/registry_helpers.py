@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OFFICIAL = ROOT.parent / "shared" / "reference" / "official-plans"
+OFFICIAL = ROOT / "reference" / "official-plans"
 FLUX_PLANS = sorted(OFFICIAL.glob("flux_*.json"))
 DIT_PLANS = sorted(OFFICIAL.glob("dit_*.json"))
 FLUX_SOURCE = "hf://black-forest-labs/FLUX.1-dev"
