@@ -15,10 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .display import render
 from .official import load_plan
 from .plan import PlanError
 
 BUILTIN = ("digits-dit", "digits-flux")
+DESCRIPTION = (
+    "Calibrate a built-in model and compare cached against full compute, or inspect a plan. "
+    "The registry and the calibration fleet are invardiff-registry."
+)
 
 
 def builtin_settings(model: str) -> tuple[int, float]:
@@ -162,34 +167,40 @@ def _add_rules(command: argparse.ArgumentParser) -> None:
 
 
 def _print(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key:>16}: {value}")
+    print(json.dumps(result, indent=2) if as_json else render(result))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="invardiff", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="invardiff", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="calibrate a built-in model, compare cached vs full (speed-up, PSNR, PNG)")
-    demo.add_argument("--model", default="digits-flux", choices=BUILTIN)
+    demo = sub.add_parser("demo", help="calibrate a built-in model, compare cached vs full (speed-up, PSNR, PNG)",
+                          description="Calibrate a built-in model in-process (no registry, no Ray), then time "
+                          "full against cached generation, interleaved, and compare them.")  # fmt: skip
+    demo.add_argument("--model", default="digits-flux", choices=BUILTIN, help="built-in model (default digits-flux)")
     _add_rules(demo)
-    demo.add_argument("--trajectories", type=int, default=8)
+    demo.add_argument("--trajectories", type=int, default=8, metavar="N",
+                      help="calibration calls, one digit class and seed each (default 8)")  # fmt: skip
     demo.add_argument("--guidance", type=float, help="default: the model's documented guidance")
-    demo.add_argument("--batch", type=int, default=32)
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--out", type=Path, default=Path("out"))
+    demo.add_argument("--batch", type=int, default=32, metavar="N",
+                      help="images per timed generation (default 32)")  # fmt: skip
+    demo.add_argument("--repeats", type=int, default=3, metavar="N",
+                      help="interleaved timing repeats; the medians are reported (default 3)")  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                      help="folder for the plan and the full-vs-cached PNG (default out/)")  # fmt: skip
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
-    cal = sub.add_parser("calibrate", help="calibrate a built-in model and write the plan")
-    cal.add_argument("--model", default="digits-flux", choices=BUILTIN)
+    cal = sub.add_parser("calibrate", help="calibrate a built-in model and write the plan",
+                         description="Calibrate a built-in model in-process and write the plan file.")  # fmt: skip
+    cal.add_argument("--model", default="digits-flux", choices=BUILTIN, help="built-in model (default digits-flux)")
     _add_rules(cal)
-    cal.add_argument("--trajectories", type=int, default=8)
+    cal.add_argument("--trajectories", type=int, default=8, metavar="N",
+                     help="calibration calls, one digit class and seed each (default 8)")  # fmt: skip
     cal.add_argument("--guidance", type=float, help="default: the model's documented guidance")
-    cal.add_argument("--out", type=Path, required=True)
-    show = sub.add_parser("show", help="print a plan's target and summary")
-    show.add_argument("plan", type=Path)
-    show.add_argument("--json", action="store_true")
+    cal.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the plan (JSON)")
+    show = sub.add_parser("show", help="print a plan's target and summary",
+                          description="Print a plan's target and summary: a native plan or a reference "
+                          "cache book.")  # fmt: skip
+    show.add_argument("plan", type=Path, help="plan file (native JSON or a reference cache book)")
+    show.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

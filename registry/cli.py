@@ -178,18 +178,30 @@ json_option = click.option(
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
-    help="Local plan cache [env INVARDIFF_CACHE_DIR].",
+    help="Cache of fetched plans [env INVARDIFF_CACHE_DIR; default $INVARDIFF_HOME/cache].",
 )
 @click.pass_context
 def main(
     ctx: click.Context, database_url: str | None, store_url: str | None, cache_dir: Path | None
 ) -> None:
-    """Plan registry: publish, promote and fetch InvarDiff cache plans.
+    """Plan registry: publish, promote and fetch InvarDiff cache plans; calibrate on Ray.
 
     With no configuration everything lives under INVARDIFF_HOME (~/.invardiff): a SQLite
-    database and a local object store. Exit codes: 0 ok, 1 error, 2 usage or invalid input,
-    3 not found, 4 integrity failure, 5 database/store unreachable, 6 schema not current,
-    7 conflict.
+    database, a local object store and the cache of fetched plans. Details: docs/registry.md.
+
+    \b
+    Exit codes:
+      0  ok
+      1  other error
+      2  usage or invalid input
+      3  not found
+      4  integrity check failed
+      5  database or object store unreachable
+      6  schema missing or not current (init, db upgrade)
+      7  conflict (stale alias move, existing model alias)
+      8  quality gate failed (calibrate: published, not promoted)
+      9  calibration job failed (a rerun resumes)
+      10 calibration job running under another driver (calibrate --no-wait)
     """
     ctx.obj = {"database_url": database_url, "store_url": store_url, "cache_dir": cache_dir}
 
@@ -469,12 +481,14 @@ def show(
     expires: int,
     as_json: bool,
 ) -> None:
-    """Show plan PLAN (a sha256 prefix of at least 6 hex digits)."""
+    """Show plan PLAN (a sha256 prefix of at least 6 hex digits): target, metrics, lineage."""
+    from invardiff.display import render
+
     registry = _registry(ctx)
     data = registry.show(plan, model_name)
     if presign:
         data["url"] = registry.store.presign(data["object_key"], expires)
-    _emit(as_json, data, "\n".join(f"{k}: {json.dumps(v, default=str)}" for k, v in data.items()))
+    _emit(as_json, data, render(data))
 
 
 @main.command()

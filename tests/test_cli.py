@@ -33,3 +33,44 @@ def test_non_positive_counts_are_usage_errors(capsys):
         main(["demo", "--trajectories", "0"])
     assert exit_info.value.code == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def undocumented(help_text: str) -> list[str]:
+    """The options an argparse help lists without a description."""
+    lines = help_text.split("options:\n", 1)[1].splitlines()
+    missing = []
+    for line, following in zip(lines, [*lines[1:], ""]):
+        explained = "  " in line.strip() or (following.startswith(" " * 8) and following.strip())
+        if line.startswith("  -") and not explained:
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["calibrate"], ["show"]])
+def test_help_has_no_markup_and_explains_every_option(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text
+    assert "options:" in text and undocumented(text) == []
+    if command == ["demo"]:
+        for option in ("--trajectories N", "--out DIR", "--batch N", "--repeats N"):
+            assert option in text
+
+
+def test_undocumented_options_are_found():
+    text = "options:\n  -h, --help  show this\n  --batch BATCH\n  --out OUT   where\n  --x X\n"
+    assert undocumented(text) == ["--batch BATCH", "--x X"]
+
+
+def test_show_prints_nested_fields_one_per_line(capsys):
+    path = official_plan_files("dit")[0]
+    assert main(["show", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "{" in line or "None" in line]  # no Python dicts
+    target = lines.index("target:")
+    assert lines[target + 1].split() == ["model_id:", "facebook/DiT-XL-2-256"]
+    assert lines[target + 2].split() == ["revision:", "none"]
+    assert "  steps:                 50" in lines[target + 1 :]

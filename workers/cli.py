@@ -74,11 +74,11 @@ def _lease_seconds() -> float:
 @click.option("--max-consecutive", type=click.IntRange(min=1), help="Cap on consecutive reuse.")
 @click.option(
     "--target-speedup", type=FINITE, metavar="X",
-    help="Budget: the most faithful plan with this ideal speed-up (needs invardiff.budget).",
+    help="Budget: the most faithful plan with this ideal speed-up.",
 )  # fmt: skip
 @click.option(
     "--target-psnr", type=FINITE, metavar="DB",
-    help="Budget: the fastest plan keeping this PSNR on held-out seeds (needs invardiff.budget).",
+    help="Budget: the fastest plan keeping this PSNR on held-out seeds.",
 )  # fmt: skip
 @click.option(
     "--set",

@@ -612,3 +612,64 @@ def test_a_failed_write_is_exit_5_and_leaves_no_temporary_file(config, tmp_path)
         assert {**after, "cache": []} == {**before, "cache": []}, args
     leftovers = [*Path(config.store_url).rglob(".tmp-*"), *Path(config.cache_dir).rglob("*")]
     assert [p for p in leftovers if p.is_file()] == []  # no temporary file, nothing cached
+
+
+def documented_exit_codes(doc: Path) -> set[int]:
+    """The codes in a doc's ``## Exit codes`` table."""
+    section = doc.read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    return {int(line.split("|")[1]) for line in section.splitlines() if line[:3].strip("| ").isdigit()}
+
+
+def test_top_level_help_lists_every_documented_exit_code():
+    from workers import errors as fleet_errors
+
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    listed = {int(line.split()[0]) for line in result.stdout.split("Exit codes:")[1].split("\n\n")[0].splitlines()
+              if line.strip()}  # fmt: skip
+    documented = documented_exit_codes(ROOT / "docs" / "registry.md") | documented_exit_codes(
+        ROOT / "docs" / "fleet.md"
+    )
+    defined = {
+        value
+        for module in (errors, fleet_errors)
+        for name, value in vars(module).items()
+        if name.isupper() and isinstance(value, int)
+    }
+    assert listed == documented == defined == set(range(11))
+
+
+def test_help_explains_every_option_without_internal_notes():
+    import click
+
+    ctx = click.Context(main)
+    commands = [(name, main.get_command(ctx, name)) for name in main.list_commands(ctx)]
+    seen = 0
+    while commands:
+        name, command = commands.pop()
+        if isinstance(command, click.Group):
+            commands += [(f"{name} {n}", command.get_command(ctx, n)) for n in command.list_commands(ctx)]
+            continue
+        if command.callback.__module__.startswith("registry.") or name == "calibrate":
+            seen += 1
+            assert all(p.help for p in command.params if isinstance(p, click.Option)), name
+    assert seen >= 15
+    calibrate = CliRunner().invoke(main, ["calibrate", "--help"])
+    assert calibrate.exit_code == 0 and "needs invardiff" not in calibrate.stdout
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_show_prints_the_lineage_for_people_and_json_for_programs(cli, registry):
+    sha = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024")).version.sha256
+    data = ok_json(cli("show", sha[:8], "--json"))
+    human = cli("show", sha[:8])
+    assert human.exit_code == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert not [line for line in lines if "{" in line or '"' in line]  # no JSON in the human view
+    top = {line.split(":")[0] for line in lines if not line.startswith(" ")}
+    assert top == set(data)  # every field, each on its own line
+    lineage = lines.index("lineage:")
+    assert lines[lineage + 1].split() == ["source_file:", FLUX_PLANS[0].name]
+    assert "    source: reference" in lines  # nested two deep
+    assert max(len(line) for line in lines) < 120
+    assert data["lineage"]["source_file"] == FLUX_PLANS[0].name  # --json keeps its shape
