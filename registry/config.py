@@ -3,12 +3,12 @@
 Precedence: explicit argument (CLI flag) > environment variable > default.
 
 - ``INVARDIFF_HOME`` (default ``~/.invardiff``): the embedded registry, a SQLite file
-  ``registry.db`` and a local object store ``store/``.
+  ``registry.db`` and a local object store ``store/``, and the client cache ``cache/``.
 - ``INVARDIFF_DATABASE_URL``: a SQLAlchemy URL (``postgresql+psycopg://...``).
 - ``INVARDIFF_STORE_URL``: ``s3://bucket/prefix``, ``file:///dir`` or a directory path.
 - ``INVARDIFF_S3_ENDPOINT_URL``: S3 endpoint (MinIO, SeaweedFS); otherwise boto3's own
   resolution (``AWS_ENDPOINT_URL``, region, credentials chain).
-- ``INVARDIFF_CACHE_DIR`` (default ``$XDG_CACHE_HOME/invardiff`` or ``~/.cache/invardiff``).
+- ``INVARDIFF_CACHE_DIR`` (default ``$INVARDIFF_HOME/cache``): the client cache of fetched plans.
 - ``INVARDIFF_REF_TTL`` (seconds, default 600): how long a cached answer to a fetch query is
   used without asking the registry again (see :func:`registry.client.fetch_plan`).
 
@@ -66,11 +66,7 @@ class Config:
         if not store_url:
             store_url = str(home / "store")
             database_url = database_url or f"sqlite:///{home / 'registry.db'}"
-        if cache_dir is None:
-            cache_dir = env.get("INVARDIFF_CACHE_DIR")
-        if not cache_dir:
-            xdg = env.get("XDG_CACHE_HOME")
-            cache_dir = Path(xdg) / "invardiff" if xdg else Path.home() / ".cache" / "invardiff"
+        cache_dir = cache_dir or env.get("INVARDIFF_CACHE_DIR") or home / "cache"
         return cls(
             database_url=database_url,
             store_url=store_url,
