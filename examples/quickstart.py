@@ -27,9 +27,9 @@ pipe.set_progress_bar_config(disable=True)
 
 
 def sample():
+    generator = torch.Generator().manual_seed(0)
     return pipe(class_labels=list(range(10)), num_inference_steps=plan.steps,
-                guidance_scale=plan.target.guidance, generator=torch.Generator().manual_seed(0),
-                output_type="np").images  # fmt: skip
+                guidance_scale=plan.target.guidance, generator=generator, output_type="np").images
 
 
 sample()  # warm-up

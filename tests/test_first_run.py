@@ -62,3 +62,11 @@ def test_the_cache_lives_under_invardiff_home_unless_set(tmp_path: Path):
     assert Config.from_env(cache_dir=tmp_path / "flag", env=env).cache_dir == tmp_path / "flag"
     store_only = {"INVARDIFF_HOME": str(home), "INVARDIFF_STORE_URL": str(tmp_path / "store")}
     assert Config.from_env(env=store_only).cache_dir == home / "cache"
+
+
+def test_the_readme_quick_start_is_the_example():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start (Python)\n", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```\n", 1)[0]
+    example = (ROOT / "examples" / "quickstart.py").read_text()
+    assert block == example.split('"""\n\n', 1)[1]  # the example without its docstring
