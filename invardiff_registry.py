@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from importlib.metadata import packages_distributions
 from pathlib import Path
 
 PACKAGES = ("registry", "workers", "migrations")
@@ -36,6 +35,8 @@ def shadowed_package() -> str | None:
             found = f"a namespace package in {', '.join(spec.submodule_search_locations or [])}"
         else:
             found = "nothing"
+        from importlib.metadata import packages_distributions  # only on this rare path
+
         others = sorted({d for d in packages_distributions().get(name, []) if d != "invardiff"})
         remedy = (
             f"also installed by {', '.join(others)}: use a virtual environment without it "

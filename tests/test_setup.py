@@ -191,3 +191,24 @@ def test_a_shadowed_registry_package_is_refused_in_one_line(tmp_path: Path):
 
 if __name__ == "__main__":  # the stub base interpreter's `-m venv --clear DIR`
     stub_env(Path(sys.argv[1]))
+
+
+def test_a_registry_package_of_another_distribution_is_named(tmp_path: Path):
+    """Another distribution's ``registry`` package (its own dist-info) earlier on the path."""
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "__init__.py").write_text("")
+    info = tmp_path / "other_tool-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: other-tool\nVersion: 1.0\n")
+    (info / "RECORD").write_text("registry/__init__.py,,\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import invardiff_registry; invardiff_registry.main()", "list"],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "INVARDIFF_HOME": str(tmp_path)},
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"finds {tmp_path / 'registry' / '__init__.py'}" in result.stderr
+    assert "also installed by other-tool: use a virtual environment without it" in result.stderr
