@@ -74,3 +74,24 @@ def test_show_prints_nested_fields_one_per_line(capsys):
     assert lines[target + 1].split() == ["model_id:", "facebook/DiT-XL-2-256"]
     assert lines[target + 2].split() == ["revision:", "none"]
     assert "  steps:                 50" in lines[target + 1 :]
+
+
+def test_render_nests_mappings_and_lists_for_people():
+    from invardiff.display import render
+
+    data = {"version": 2, "aliases": {}, "revision": None, "seeds": [900000, 900001],
+            "lineage": {"workers": [{"host": "a", "pid": 1}, "raw"], "ok": True}}  # fmt: skip
+    assert render(data).splitlines() == [
+        "version:  2",
+        "aliases:  none",
+        "revision: none",
+        "seeds:    900000, 900001",
+        "lineage:",
+        "  workers:",
+        "    [1]",
+        "      host: a",
+        "      pid:  1",
+        "    [2]",
+        "      value: raw",
+        "  ok:      true",
+    ]
