@@ -18,7 +18,7 @@ import numpy as np
 from .official import load_plan
 from .plan import PlanError
 
-BUILTIN = ("digits-dit", "digits-flux")
+BUILTIN = ("digits-dit", "digits-flux", "digits-flux-shifted")
 
 
 def builtin_settings(model: str) -> tuple[int, float]:
