@@ -19,7 +19,7 @@ from .display import render
 from .official import load_plan
 from .plan import PlanError
 
-BUILTIN = ("digits-dit", "digits-flux")
+BUILTIN = ("digits-dit", "digits-flux", "digits-flux-shifted")
 DESCRIPTION = (
     "Calibrate a built-in model and compare cached against full compute, or inspect a plan. "
     "The registry and the calibration fleet are invardiff-registry."

@@ -32,9 +32,17 @@ FORMAT_VERSION = 1
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
-# What a skipped step's H is: "hold" reuses the last computed H unchanged; "linear"
-# extrapolates it from the last two computed steps (first order in the step index).
-STEP_REUSE = ("hold", "linear")
+# What a skipped step's H is (docs/step-reuse.md): "hold" reuses the last computed H
+# unchanged; "linear" extrapolates it from the last two computed steps, first order in the
+# step index; "linear-t" likewise in the timestep the transformer is called with;
+# "quadratic-t" second order in it, from the last three computed steps.
+STEP_REUSE = ("hold", "linear", "linear-t", "quadratic-t")
+# What a module flagged reused on a computed step returns: "hold" its last computed output;
+# "linear" / "linear-t" a first-order forecast from its last two computed outputs, in the
+# step index / in the timestep (TaylorSeer-like).
+MODULE_REUSE = ("hold", "linear", "linear-t")
+# Each rule: (polynomial order, extrapolation variable).
+RULES = {"hold": (0, "step"), "linear": (1, "step"), "linear-t": (1, "timestep"), "quadratic-t": (2, "timestep")}
 
 
 class PlanError(ValueError):
@@ -130,7 +138,10 @@ class CachePlan:
     data kept only for faithful export (e.g. the reference ``ip_attn`` book).
     ``step_reuse`` says what a reused step's H is (:data:`STEP_REUSE`): ``"hold"`` (the
     reference rule, the default and absent from the canonical JSON) or ``"linear"``
-    (extrapolated from the last two computed steps; see docs/step-reuse.md).
+    (extrapolated from the last two computed steps; see docs/step-reuse.md), ``"linear-t"`` or
+    ``"quadratic-t"`` (the same in the timestep). ``module_reuse`` says what a module flagged
+    reused on a computed step returns (:data:`MODULE_REUSE`): ``"hold"`` (its cached output;
+    the default, absent from the canonical JSON) or a forecast from its computed outputs.
     """
 
     arch: str
@@ -141,6 +152,7 @@ class CachePlan:
     calibration: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     step_reuse: str = "hold"
+    module_reuse: str = "hold"
 
     def __post_init__(self) -> None:
         gate = np.asarray(self.step_gate, dtype=bool)
@@ -222,6 +234,8 @@ class CachePlan:
         }
         if self.step_reuse != "hold":  # absent for "hold": older plans keep their bytes and sha256
             document["step_reuse"] = self.step_reuse
+        if self.module_reuse != "hold":  # likewise
+            document["module_reuse"] = self.module_reuse
         return document
 
     def to_bytes(self) -> bytes:
@@ -282,6 +296,7 @@ class CachePlan:
                 calibration=document.get("calibration") or {},
                 extras=document.get("extras") or {},
                 step_reuse=document.get("step_reuse", "hold"),
+                module_reuse=document.get("module_reuse", "hold"),
             )
         except KeyError as exc:
             raise PlanError(f"missing field {exc.args[0]!r}") from None
@@ -311,10 +326,16 @@ class CachePlan:
     def export_official(self, path: str | Path) -> Path:
         """Write this plan in the reference implementation's cache-book layout.
 
-        Refuses (PlanError) a ``step_reuse="linear"`` plan: the reference format cannot say it.
+        Refuses (PlanError, writing nothing) a plan whose ``step_reuse`` or ``module_reuse`` is
+        not ``"hold"``: the reference format cannot say it.
         """
         from .official import to_official
 
+        if self.module_reuse != "hold":
+            raise PlanError(
+                f"the reference format cannot express module_reuse={self.module_reuse!r} (it always holds "
+                "module outputs); export a plan with module_reuse='hold'"
+            )
         path = Path(path)
         path.write_text(json.dumps(to_official(self), indent=2))
         return path
@@ -326,6 +347,10 @@ class CachePlan:
     def with_step_reuse(self, step_reuse: str) -> CachePlan:
         """A copy whose reused steps use another rule (:data:`STEP_REUSE`)."""
         return replace(self, step_reuse=step_reuse)
+
+    def with_module_reuse(self, module_reuse: str) -> CachePlan:
+        """A copy whose reused modules use another rule (:data:`MODULE_REUSE`)."""
+        return replace(self, module_reuse=module_reuse)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CachePlan) and self.to_bytes() == other.to_bytes()
@@ -390,41 +415,68 @@ def hold_after(plan: CachePlan) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return hold, hold_hidden
 
 
-def hidden_held(plan: CachePlan) -> tuple[np.ndarray, np.ndarray]:
-    """Under ``step_reuse="linear"``: which of H_last and H_prev are held after each step.
+def hidden_held(plan: CachePlan) -> np.ndarray:
+    """``[order + 1, T]``: row j is True where H of the j-th last computed step is held after step i.
 
-    ``keep_last[i]``: some later step is reused (H_last serves it, or becomes its H_prev);
-    ``keep_prev[i]``: the next step is reused and two steps have been computed by then
-    (with one computed step a reused step falls back to hold). Under ``"hold"`` H_prev is
-    never held and H_last as :func:`hold_after` says.
+    Under ``"hold"`` (one row) as :func:`hold_after` says. Under an extrapolating rule of order
+    n, H of the last computed step is held while some later step is reused (it serves it, or
+    becomes an older point of its extrapolation); the j-th last (j >= 1) while a later reused
+    step comes with at most n - j computed steps in between, once j + 1 steps are computed
+    (with fewer computed steps a reused step uses the highest order they allow).
     """
     _, hold_hidden = hold_after(plan)
-    if plan.step_reuse == "hold":
-        return hold_hidden, np.zeros_like(hold_hidden)
-    later_reuse = np.zeros_like(hold_hidden)
-    later_reuse[:-1] = np.logical_or.accumulate(plan.step_gate[::-1])[::-1][1:]
-    two_computed = np.cumsum(~plan.step_gate) >= 2
-    return later_reuse, hold_hidden & two_computed
+    order = RULES[plan.step_reuse][0]
+    if order == 0:
+        return hold_hidden[None]
+    computed = np.cumsum(~plan.step_gate)
+    gap = np.full(plan.steps, np.iinfo(np.int64).max)  # computed steps until the next reused one
+    upcoming = None
+    for i in range(plan.steps - 1, -1, -1):
+        if upcoming is not None:
+            gap[i] = computed[upcoming] - computed[i]
+        if plan.step_gate[i]:
+            upcoming = i
+    rows = [gap < np.iinfo(np.int64).max]
+    rows += [(gap <= order - j) & (computed >= j + 1) for j in range(1, order + 1)]
+    return np.array(rows)
+
+
+def module_held(plan: CachePlan) -> dict[str, np.ndarray]:
+    """Per module kind, ``[order + 1, T, L]``: row j is True where the j-th last computed output
+    of (kind, l) is held after step i.
+
+    Under ``module_reuse="hold"`` (one row) as :func:`hold_after` says. Under a first-order
+    forecast the last output is also held while the module's next event is a computation
+    followed by a reuse (it becomes the older point), and the one before it while the next
+    event is a reuse and two outputs have been computed.
+    """
+    hold, _ = hold_after(plan)
+    if RULES[plan.module_reuse][0] == 0:
+        return {kind: flags[None] for kind, flags in hold.items()}
+    active = ~plan.step_gate
+    held = {}
+    for kind, run in executed_modules(plan).items():
+        then_reuse = _next_is_compute_then_reuse(run, active[:, None] & ~run)
+        held[kind] = np.array([hold[kind] | then_reuse, hold[kind] & (np.cumsum(run, axis=0) >= 2)])
+    return held
 
 
 def peak_cached_elements(plan: CachePlan, elements: dict[str, int]) -> int:
-    """Most cached elements (per sample) held at once under :func:`hold_after`."""
-    hold, _ = hold_after(plan)
-    keep_last, keep_prev = hidden_held(plan)
-    per_step = sum(flags.sum(axis=1) * elements[kind] for kind, flags in hold.items())
-    per_step = per_step + (keep_last.astype(int) + keep_prev) * elements["hidden"]
+    """Most cached elements (per sample) held at once between steps (:func:`module_held`,
+    :func:`hidden_held`)."""
+    held = module_held(plan)
+    per_step = sum(flags.sum(axis=(0, 2)) * elements[kind] for kind, flags in held.items())
+    per_step = per_step + hidden_held(plan).sum(axis=0) * elements["hidden"]
     return int(per_step.max())
 
 
 def peak_cached_elements_within_steps(plan: CachePlan, elements: dict[str, int]) -> int:
     """Most cached elements (per sample) held at once, replaying the runtime module by module:
-    a reused output is released after its last use, a new one is kept if :func:`hold_after`
-    says a later step reuses it; H likewise at the last block (both H of :func:`hidden_held`)."""
-    run = executed_modules(plan)
-    hold, _ = hold_after(plan)
-    keep_last, keep_prev = hidden_held(plan)
+    a reused output is released after its last use, a new one is kept if :func:`module_held`
+    says a later step uses it; H likewise at the last block (every H of :func:`hidden_held`)."""
+    count = {kind: flags.sum(axis=0) for kind, flags in module_held(plan).items()}
     size = dict(elements)
-    held_hidden = (keep_last.astype(int) + keep_prev) * size["hidden"]
+    held_hidden = hidden_held(plan).sum(axis=0) * size["hidden"]
     if plan.arch == "flux":
         size["attn"] += size["context_attn"]  # one cached entry holds both halves
     lists = {kind.name: kind.layers for kind in MODULE_KINDS[plan.arch]}
@@ -439,14 +491,11 @@ def peak_cached_elements_within_steps(plan: CachePlan, elements: dict[str, int])
             hidden = int(held_hidden[i])
             continue
         for kind, layer in order:
-            key = (kind, layer)
-            if run[kind][i, layer] or key not in held:
-                total -= held.pop(key, 0)
-                if hold[kind][i, layer]:
-                    held[key] = size[kind]
-                    total += size[kind]
-            elif not hold[kind][i, layer]:
-                total -= held.pop(key)
+            key = (kind, layer)  # computed or reused: the old outputs go, those used later stay
+            total -= held.pop(key, 0)
+            if count[kind][i, layer]:
+                held[key] = int(count[kind][i, layer]) * size[kind]
+                total += held[key]
             peak = max(peak, total + hidden)
         hidden = int(held_hidden[i])
         peak = max(peak, total + hidden)
@@ -464,6 +513,18 @@ def _next_is_reuse(computed: np.ndarray, reused: np.ndarray) -> np.ndarray:
     return result
 
 
+def _next_is_compute_then_reuse(computed: np.ndarray, reused: np.ndarray) -> np.ndarray:
+    """[T x L]: the next event strictly after step i is a compute whose next event is a reuse."""
+    result = np.zeros_like(computed)
+    reuse_next = np.zeros(computed.shape[1], dtype=bool)
+    then_reuse = np.zeros(computed.shape[1], dtype=bool)
+    for i in range(computed.shape[0] - 1, -1, -1):
+        result[i] = then_reuse
+        then_reuse = np.where(reused[i], False, np.where(computed[i], reuse_next, then_reuse))
+        reuse_next = np.where(reused[i], True, np.where(computed[i], False, reuse_next))
+    return result
+
+
 def _bits(row: np.ndarray) -> str:
     return "".join("1" if v else "0" for v in np.asarray(row, dtype=bool).ravel())
 
@@ -477,6 +538,8 @@ def _parse_bits(value: Any, where: str) -> list[bool]:
 def _validate(plan: CachePlan) -> None:
     if plan.step_reuse not in STEP_REUSE:
         raise PlanError(f"step_reuse: unknown rule {plan.step_reuse!r} (known: {', '.join(STEP_REUSE)})")
+    if plan.module_reuse not in MODULE_REUSE:
+        raise PlanError(f"module_reuse: unknown rule {plan.module_reuse!r} (known: {', '.join(MODULE_REUSE)})")
     if plan.arch not in ARCHITECTURES:
         raise PlanError(f"arch: unknown architecture {plan.arch!r} (known: {', '.join(ARCHITECTURES)})")
     if plan.step_gate.ndim != 1 or plan.step_gate.shape[0] < 2:

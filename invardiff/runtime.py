@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .architectures import MODULE_KINDS, TIMESTEP_SCALE, detect_architecture, layer_lists
 from .checks import SetupGuard, calling_argument
-from .plan import CachePlan, PlanError, executed_modules, hidden_held, hold_after
+from .plan import RULES, CachePlan, PlanError, executed_modules, hidden_held, module_held
 from .stepping import StepTracker, find_timestep, timestep_argument
 
 HOOK_NAME = "invardiff_cache"
@@ -39,13 +39,23 @@ class CacheStats:
 
 @dataclass
 class _Branch:
-    """Caches of one transformer call per step (two under CFG-as-two-calls)."""
+    """Caches of one transformer call per step (two under CFG-as-two-calls).
+
+    ``modules`` and ``hidden`` hold the last computed output of each module and H of the last
+    computed step; ``history`` the older ones an extrapolating rule still needs, newest first,
+    each with its point in the rule's variable (key ``"hidden"`` for H).
+    """
 
     modules: dict[tuple[str, int], Any] = field(default_factory=dict)
-    hidden: torch.Tensor | None = None  # H of the last computed step (H_last)
-    hidden_step: int = -1
-    previous: torch.Tensor | None = None  # H of the computed step before it (step_reuse="linear")
-    previous_step: int = -1
+    hidden: torch.Tensor | None = None
+    points: dict[Any, float] = field(default_factory=dict)  # the variable's value of modules[key] / hidden
+    history: dict[Any, list[tuple[float, Any]]] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this branch holds."""
+        values = [*self.modules.values(), self.hidden]
+        values += [value for entries in self.history.values() for _, value in entries]
+        return [t for value in values if value is not None for t in (value if isinstance(value, tuple) else (value,))]
 
 
 class PlanCache:
@@ -68,9 +78,9 @@ class PlanCache:
         self.guard.model(plan, transformer)
         self.guard.scheduler(plan, self.scheduler)
         self.run = executed_modules(plan)
-        self.hold, _ = hold_after(plan)
-        self.keep_last, self.keep_previous = hidden_held(plan)
-        self.linear = plan.step_reuse == "linear"
+        self.module_count = {kind: flags.sum(axis=0) for kind, flags in module_held(plan).items()}
+        self.hidden_count = hidden_held(plan).sum(axis=0)
+        self.step_rule, self.module_rule = RULES[plan.step_reuse], RULES[plan.module_reuse]
         self.tracker = StepTracker(_initial_schedule(plan, timesteps))
         if self.tracker.schedule is None and self.scheduler is None:
             raise PlanError(
@@ -117,12 +127,22 @@ class PlanCache:
             self._branches.append(_Branch())
         # this step's flags as Python lists: the hooks look them up hundreds of times per step
         self._run_now = {kind: flags[step].tolist() for kind, flags in self.run.items()}
-        self._hold_now = {kind: flags[step].tolist() for kind, flags in self.hold.items()}
+        self._count_now = {kind: counts[step].tolist() for kind, counts in self.module_count.items()}
+        self._point_hidden = self._point(self.step_rule[1], step)
+        self._point_module = self._point(self.module_rule[1], step)
         self._skip_now = bool(self.plan.step_gate[step]) and self.current.hidden is not None
         if self._skip_now:
             self.stats.steps_skipped += 1
         else:
             self.stats.steps_computed += 1
+
+    def _point(self, variable: str, step: int) -> float:
+        """The extrapolation variable at ``step``: the step index or the schedule's timestep."""
+        return float(step) if variable == "step" else float(self.tracker.schedule[step])
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds now (all branches): what its memory figures count."""
+        return [t for branch in self._branches for t in branch.tensors()]
 
     @property
     def current(self) -> _Branch:
@@ -137,42 +157,25 @@ class PlanCache:
         return not self._run_now[kind][layer] and (kind, layer) in self.current.modules
 
     def store(self, kind: str, layer: int, output: Any) -> None:
-        """Keep a freshly computed output only if a later step reuses it."""
-        if self._hold_now[kind][layer]:
-            self.current.modules[(kind, layer)] = output
-        else:
-            self.current.modules.pop((kind, layer), None)
+        """Keep a freshly computed output (and older ones a forecast needs) only if later used."""
+        _keep(self.current, (kind, layer), output, self._point_module, self._count_now[kind][layer])
 
     def take(self, kind: str, layer: int) -> Any:
-        """The cached output for reuse now; released if no later step needs it."""
-        cache = self.current.modules
-        return cache[(kind, layer)] if self._hold_now[kind][layer] else cache.pop((kind, layer))
+        """The output for reuse now (held, or forecast under ``module_reuse``); what no later
+        step needs is released."""
+        return _take(self.current, (kind, layer), self._point_module, self.module_rule[0],
+                     self._count_now[kind][layer])  # fmt: skip
 
     def store_hidden(self, hidden: torch.Tensor) -> None:
-        """Keep a computed step's H (and, under "linear", the one before) only if later used."""
-        branch, step = self.current, self.step
-        if self.linear:
-            keep = self.keep_previous[step] and branch.hidden is not None
-            branch.previous, branch.previous_step = (branch.hidden, branch.hidden_step) if keep else (None, -1)
-        if not self.keep_last[step]:
-            branch.hidden, branch.hidden_step = None, -1
-            return
-        if hidden.untyped_storage().nbytes() > hidden.numel() * hidden.element_size():
+        """Keep a computed step's H (and older ones the step rule needs) only if later used."""
+        count = int(self.hidden_count[self.step])
+        if count and hidden.untyped_storage().nbytes() > hidden.numel() * hidden.element_size():
             hidden = hidden.clone()  # FLUX: H is a slice of the joint text+image tensor
-        branch.hidden, branch.hidden_step = hidden, step
+        _keep(self.current, "hidden", hidden, self._point_hidden, count)
 
     def take_hidden(self) -> torch.Tensor:
-        """H of the current (skipped) step: H_last held, or extrapolated under "linear"."""
-        branch, step = self.current, self.step
-        hidden = branch.hidden
-        if branch.previous is not None:
-            ratio = (step - branch.hidden_step) / (branch.hidden_step - branch.previous_step)
-            hidden = hidden + (hidden - branch.previous) * ratio
-            if not self.keep_previous[step]:
-                branch.previous, branch.previous_step = None, -1
-        if not self.keep_last[step]:
-            branch.hidden, branch.hidden_step = None, -1
-        return hidden
+        """H of the current (skipped) step: H_last held, or extrapolated under ``step_reuse``."""
+        return _take(self.current, "hidden", self._point_hidden, self.step_rule[0], int(self.hidden_count[self.step]))
 
     def set_schedule(self, timesteps: Any) -> None:
         """Called when the pipeline's scheduler sets its timesteps: a new generation starts."""
@@ -324,6 +327,66 @@ class _ModuleHook(ModelHook):
         if not self.compute_only:
             cache.store(self.kind, self.layer, output)
         return output
+
+
+def extrapolate(points: list[tuple[float, Any]], at: float) -> Any:
+    """The polynomial through ``points`` ((x, value), newest first, at most three) at ``at``.
+
+    One point: its value (hold); two: first order, ``v_a + (v_a - v_b) * (at - a) / (a - b)``;
+    three: second order (Lagrange weights). A tuple value is extrapolated element by element.
+    """
+    if len(points) == 1:
+        return points[0][1]
+    if isinstance(points[0][1], tuple):
+        return tuple(extrapolate([(x, v[k]) for x, v in points], at) for k in range(len(points[0][1])))
+    if len(points) == 2:
+        (a, v_a), (b, v_b) = points
+        return v_a + (v_a - v_b) * ((at - a) / (a - b))
+    (a, v_a), (b, v_b), (c, v_c) = points
+    w_a = (at - b) * (at - c) / ((a - b) * (a - c))
+    w_b = (at - a) * (at - c) / ((b - a) * (b - c))
+    w_c = (at - a) * (at - b) / ((c - a) * (c - b))
+    return v_a * w_a + v_b * w_b + v_c * w_c
+
+
+def _keep(branch: _Branch, key: Any, value: Any, point: float, count: int) -> None:
+    """A newly computed ``value``: keep the newest ``count`` outputs of ``key`` (0: none)."""
+    entries = [(point, value)] + _entries(branch, key)
+    _set_entries(branch, key, entries[:count])
+
+
+def _take(branch: _Branch, key: Any, point: float, order: int, count: int) -> Any:
+    """The value of ``key`` at ``point`` from its newest ``order + 1`` outputs (fewer if fewer
+    are computed); then keep only the newest ``count``."""
+    entries = _entries(branch, key)
+    value = extrapolate(entries[: order + 1], point)
+    _set_entries(branch, key, entries[:count])
+    return value
+
+
+def _entries(branch: _Branch, key: Any) -> list[tuple[float, Any]]:
+    last = branch.hidden if key == "hidden" else branch.modules.get(key)
+    if last is None:
+        return []
+    return [(branch.points[key], last)] + branch.history.get(key, [])
+
+
+def _set_entries(branch: _Branch, key: Any, entries: list[tuple[float, Any]]) -> None:
+    point, last = entries[0] if entries else (None, None)
+    if key == "hidden":
+        branch.hidden = last
+    elif entries:
+        branch.modules[key] = last
+    else:
+        branch.modules.pop(key, None)
+    if entries:
+        branch.points[key] = point
+    else:
+        branch.points.pop(key, None)
+    if len(entries) > 1:
+        branch.history[key] = entries[1:]
+    else:
+        branch.history.pop(key, None)
 
 
 def check_plan_fits(plan: CachePlan, transformer: torch.nn.Module) -> str:

@@ -9,9 +9,14 @@ step, keeps every computed output (no liveness analysis, no hooks) and shares no
 Rules (ALGORITHM.md §7): on a step whose gate is set, H of the last computed step is reused
 and no block runs; otherwise a module output is reused when its flag is set and an output is
 cached; FLUX's joint attention is reused only when both ``attn`` and ``context_attn`` are
-flagged. Norms, adaLN and residual adds always run with the current conditioning. Under
-``step_reuse="linear"`` a skipped step i gets H_a + (H_a - H_b) * (i - a) / (a - b) from the
-last two computed steps b < a (docs/step-reuse.md), or H_a while only one step is computed.
+flagged. Norms, adaLN and residual adds always run with the current conditioning.
+
+Extrapolation (docs/step-reuse.md), in x = the step index (rules "linear") or the timestep the
+transformer is called with (rules "...-t", read from ``timesteps``, default the plan's): under
+``step_reuse="linear"`` a skipped step i gets H_a + (H_a - H_b) * (x_i - x_a) / (x_a - x_b)
+from the last two computed steps b < a, under "quadratic-t" the parabola through the last
+three, each with as many computed steps as there are (one: H_a). ``module_reuse`` does the
+same for a reused module's output from the module's own computed outputs.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ class PlainExecutor:
     ``first_step``: the step of the first call (img2img starts mid-schedule).
     """
 
-    def __init__(self, transformer, plan, calls_per_step: int = 1, first_step: int = 0) -> None:
+    def __init__(self, transformer, plan, calls_per_step: int = 1, first_step: int = 0, timesteps=None) -> None:
         self.transformer = transformer
         self.plan = plan
+        self.timesteps = list((plan.target.timesteps if timesteps is None else timesteps) or ())
         self.calls_per_step = calls_per_step
         self.first_step = first_step
         self.calls = 0
@@ -52,16 +58,44 @@ class PlainExecutor:
         step, branch = divmod(self.calls, self.calls_per_step)
         step += self.first_step
         self.calls += 1
+        if self.timesteps:  # the schedule it extrapolates in is the one the transformer is called with
+            called = float(kwargs["timestep"].reshape(-1)[0])
+            assert abs(called - self.timesteps[step]) <= 1e-5 * abs(self.timesteps[step]), (called, step)
         run = _dit_forward if self.plan.arch == "dit" else _flux_forward
         return run(self, step, self.caches[branch], *args, **kwargs)
 
     def reuse_or(self, cache: dict, step: int, key: tuple[str, int], flagged: bool, compute):
-        """The cached output of ``key`` if flagged and cached, else a fresh one (then cached)."""
+        """The output of ``key`` under ``module_reuse`` if flagged and computed before, else a
+        fresh one (then kept)."""
         if flagged and key in cache:
             self.reused.append((step, *key))
-            return cache[key]
-        cache[key] = compute()
-        return cache[key]
+            return self.at(self.plan.module_reuse, step, cache[key])
+        output = compute()
+        cache.setdefault(key, []).append((step, output))
+        return output
+
+    def x(self, rule: str, step: int) -> float:
+        return float(self.timesteps[step]) if rule.endswith("-t") else float(step)
+
+    def at(self, rule: str, step: int, computed: list):
+        """The value at ``step`` from the computed (step, value) list under ``rule``."""
+        if isinstance(computed[-1][1], tuple):  # FLUX joint attention: each half on its own
+            halves = len(computed[-1][1])
+            return tuple(self.at(rule, step, [(s, v[k]) for s, v in computed]) for k in range(halves))
+        last_step, last = computed[-1]
+        order = {"hold": 0, "linear": 1, "linear-t": 1, "quadratic-t": 2}[rule]
+        if order == 0 or len(computed) == 1:
+            return last
+        x, xa = self.x(rule, step), self.x(rule, last_step)
+        before_step, before = computed[-2]
+        xb = self.x(rule, before_step)
+        if order == 1 or len(computed) == 2:
+            return last + (last - before) * ((x - xa) / (xa - xb))
+        oldest_step, oldest = computed[-3]
+        xc = self.x(rule, oldest_step)
+        return (last * ((x - xb) * (x - xc) / ((xa - xb) * (xa - xc)))
+                + before * ((x - xa) * (x - xc) / ((xb - xa) * (xb - xc)))
+                + oldest * ((x - xa) * (x - xb) / ((xc - xa) * (xc - xb))))  # fmt: skip
 
     def flag(self, kind: str, step: int, layer: int) -> bool:
         return bool(self.plan.modules[kind][step, layer]) or bool(self.plan.step_gate[step])
@@ -75,12 +109,7 @@ class PlainExecutor:
 
     def skipped_hidden(self, cache: dict, step: int):
         """H of a skipped step under the plan's ``step_reuse`` rule."""
-        computed = cache["hidden"]
-        last_step, last = computed[-1]
-        if self.plan.step_reuse == "hold" or len(computed) < 2:
-            return last
-        before_step, before = computed[-2]
-        return last + (last - before) * ((step - last_step) / (last_step - before_step))
+        return self.at(self.plan.step_reuse, step, cache["hidden"])
 
 
 # ---- DiT (DiTTransformer2DModel, ada_norm_zero blocks) ------------------------------------

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff import cached, calibrate, metrics
+from invardiff import PlanError, cached, calibrate, enable_cache, metrics
+from invardiff.checks import PlanMismatchError
 from invardiff.cli import calibration_calls
 from invardiff.models import load_builtin
 
@@ -64,3 +65,22 @@ def test_linear_step_reuse_is_more_faithful_than_holding_on_every_third_step():
     assert metrics.psnr(linear, full) > metrics.psnr(held, full) + 5.0
     assert metrics.ssim(linear, full) > metrics.ssim(held, full)
     assert np.array_equal(metrics.classify(linear), metrics.classify(full))
+
+
+def test_a_digits_flux_plan_is_refused_on_the_shifted_schedule():
+    """digits-flux-shifted: the same weights on FLUX.1-dev's scheduler settings. Plans record the
+    scheduler config's hash and schedule, so a digits-flux plan does not run on it."""
+    from invardiff.calibration import describe_target
+
+    flux, shifted = load_builtin("digits-flux"), load_builtin("digits-flux-shifted")
+    calls = calibration_calls("digits-flux", 2, guidance=1.5)
+    plan = calibrate(flux, calls, preset="fast", model_id="digits-flux")
+    with pytest.raises(PlanMismatchError, match="^scheduler_config_hash: the plan was calibrated for"):
+        enable_cache(shifted, plan)
+    allowed = cached(shifted, plan, allow_mismatch={"scheduler_config_hash"})  # the schedule still differs
+    with allowed, pytest.raises(PlanError, match="timestep schedule differs"):
+        generate(shifted, 28)
+    own = describe_target(shifted, calls, (shifted.scheduler.timesteps.double() / 1000).tolist())
+    assert own.scheduler == plan.target.scheduler == "FlowMatchEulerDiscreteScheduler"
+    assert own.scheduler_config_hash != plan.target.scheduler_config_hash
+    assert np.ptp(np.diff(own.timesteps)) > 0.02 > np.ptp(np.diff(plan.target.timesteps))  # shifted vs uniform

@@ -19,7 +19,13 @@ from invardiff.models import (
     tiny_flux_pipeline,
     tiny_flux_transformer,
 )
-from invardiff.models.digits import WEIGHTS_DIR, quality_labels, sample
+from invardiff.models.digits import (
+    FLUX_DEV_SCHEDULER,
+    VARIANTS,
+    WEIGHTS_DIR,
+    quality_labels,
+    sample,
+)
 
 
 def _flux_forward(model, batch: int = 2, tokens: int = 16, context: int = 4):
@@ -194,7 +200,7 @@ def test_protocol_step_counts_are_defaults():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
+@pytest.mark.parametrize("name", [name for name in BUILTIN_MODELS if name not in VARIANTS])  # variants: docs/models.md
 def test_quality_floor(builtin, name):
     pytest.importorskip("sklearn")
     from invardiff.metrics import accuracy, frechet_distance
@@ -207,8 +213,41 @@ def test_quality_floor(builtin, name):
 
 
 def test_weights_json_records_training():
-    for name in BUILTIN_MODELS:
+    for name in set(BUILTIN_MODELS) - set(VARIANTS):
         meta = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
         assert meta["architecture"] == BUILTIN_MODELS[name]["architecture"]
         assert meta["training"]["steps"] > 0 and meta["training"]["seed"] == 0
     assert (WEIGHTS_DIR / "digits-classifier.json").exists()
+
+
+def test_the_shifted_variant_is_digits_flux_on_flux_dev_s_dynamically_shifted_schedule(builtin):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    flux, shifted = builtin["digits-flux"], builtin["digits-flux-shifted"]
+    assert isinstance(shifted, DigitsFluxPipeline)
+    assert {k: shifted.scheduler.config[k] for k in FLUX_DEV_SCHEDULER} == FLUX_DEV_SCHEDULER
+    weights, shifted_weights = flux.transformer.state_dict(), shifted.transformer.state_dict()
+    assert all(torch.equal(weights[k], shifted_weights[k]) for k in weights)  # no retraining
+    _generate(shifted, [5], steps=28)
+    sigmas = shifted.scheduler.sigmas[:-1].double().numpy()
+    # FluxPipeline's shift for 64 image tokens: sigma' = e^mu / (e^mu + 1/sigma - 1)
+    mu = calculate_shift(64, 256, 4096, 0.5, 1.15)
+    grid = np.linspace(1.0, 1 / 28, 28)
+    np.testing.assert_allclose(sigmas, np.exp(mu) / (np.exp(mu) + 1 / grid - 1), rtol=1e-6)
+    steps = -np.diff(shifted.scheduler.timesteps.double().numpy())
+    assert steps.max() > 2 * steps.min()  # really non-uniform (digits-flux: all equal)
+    _generate(flux, [5], steps=28)
+    np.testing.assert_allclose(-np.diff(flux.scheduler.timesteps.double().numpy()), 1000 / 28, rtol=1e-4)
+    assert not np.array_equal(_generate(flux, [5], steps=8), _generate(shifted, [5], steps=8))
+
+
+def test_the_fleet_loads_the_shifted_variant_as_a_builtin_source():
+    from registry.matching import ModelInfo, Resolution
+    from workers.pipelines import check_resolution, checkpoint_path, load_pipeline
+
+    source = "builtin://digits-flux-shifted"
+    assert checkpoint_path(source, None) is None
+    model = ModelInfo(name="digits-flux-shifted", source=source, arch="flux", revision=None)
+    check_resolution(model, Resolution(width=16, height=16))
+    pipe = load_pipeline(source, None, None, "cpu")
+    assert pipe.scheduler.config.use_dynamic_shifting and not pipe.transformer.training

@@ -10,7 +10,15 @@ from support import official_plan_files
 
 import invardiff
 from invardiff import CachePlan, PlanError, PlanTarget, all_compute_plan, load_plan
-from invardiff.plan import hidden_held, hold_after, peak_cached_elements
+from invardiff.plan import (
+    MODULE_REUSE,
+    STEP_REUSE,
+    hidden_held,
+    hold_after,
+    module_held,
+    peak_cached_elements,
+    peak_cached_elements_within_steps,
+)
 
 
 def small_plan() -> CachePlan:
@@ -229,11 +237,85 @@ def test_linear_step_reuse_holds_one_more_hidden_state_where_it_needs_it():
     keep_last, keep_prev = hidden_held(plan.with_step_reuse("linear"))
     assert keep_last.tolist() == [True, True, True, True, True, False, False, False]
     assert keep_prev.tolist() == [False, True, False, True, True, False, False, False]
-    hold_last, hold_prev = hidden_held(plan)
-    assert hold_last.tolist() == hold_after(plan)[1].tolist() and not hold_prev.any()
+    (hold_last,) = hidden_held(plan)
+    assert hold_last.tolist() == hold_after(plan)[1].tolist()
     elements = {"attn": 0, "mlp": 0, "hidden": 1}  # count hidden states only
     assert peak_cached_elements(plan, elements) == 1
     assert peak_cached_elements(plan.with_step_reuse("linear"), elements) == 2
     full = load_plan(official_plan_files("dit")[1])
     hidden_bytes = 256 * 1152 * 4  # DiT-XL/2 at 256 px: one H in float32
     assert full.with_step_reuse("linear").summary().peak_cache_bytes == full.summary().peak_cache_bytes + hidden_bytes
+
+
+# ---- timestep rules and module forecasting (module_reuse) ---------------------------------
+def test_new_rules_are_their_own_plans_and_hold_keeps_the_old_bytes(tmp_path):
+    plan = load_plan(official_plan_files("dit")[1])
+    assert plan.module_reuse == "hold" and b"module_reuse" not in plan.to_bytes()
+    spelled_out = {**json.loads(plan.to_bytes()), "module_reuse": "hold", "step_reuse": "hold"}
+    assert CachePlan.from_json(spelled_out).sha256 == DIT_FAST_SHA256
+    seen = {DIT_FAST_SHA256}
+    for step_reuse in STEP_REUSE:
+        for module_reuse in MODULE_REUSE:
+            variant = plan.with_step_reuse(step_reuse).with_module_reuse(module_reuse)
+            again = CachePlan.from_bytes(variant.to_bytes())
+            assert (again.step_reuse, again.module_reuse, again.sha256) == (step_reuse, module_reuse, variant.sha256)
+            assert variant.with_flags(variant.step_gate, variant.modules).module_reuse == module_reuse
+            seen.add(variant.sha256)
+            if (step_reuse, module_reuse) != ("hold", "hold"):
+                with pytest.raises(PlanError, match="reference format cannot express"):
+                    variant.export_official(tmp_path / "out.json")
+                assert not (tmp_path / "out.json").exists()
+    assert len(seen) == len(STEP_REUSE) * len(MODULE_REUSE)
+    assert plan.with_module_reuse("linear").with_module_reuse("hold").sha256 == DIT_FAST_SHA256
+
+
+@pytest.mark.parametrize("field,value", [("module_reuse", "quadratic"), ("step_reuse", "cubic-t")])
+def test_an_unknown_rule_is_a_one_line_plan_error(field, value):
+    document = {**json.loads(small_plan().to_bytes()), field: value}
+    with pytest.raises(PlanError, match=f"^{field}: unknown rule '{value}' \\(known: [a-z, -]+\\)$"):
+        CachePlan.from_json(document)
+
+
+def test_extrapolating_rules_hold_the_extra_hidden_states_between_and_within_steps():
+    """small_plan computes 0, 1, 3, 6, 7 and reuses 2, 4, 5 (H only in this count)."""
+    plan = small_plan()
+    assert hidden_held(plan.with_step_reuse("linear-t")).tolist() == hidden_held(plan.with_step_reuse("linear")).tolist()
+    _, prev, oldest = hidden_held(plan.with_step_reuse("quadratic-t"))
+    assert oldest.tolist() == [False, False, False, True, True, False, False, False]  # 3 computed, next reused
+    assert prev.tolist() == [False, True, True, True, True, False, False, False]  # 1 serves 4 (from 0, 1, 3)
+    elements = {"attn": 0, "mlp": 0, "hidden": 1}
+    expected = {"hold": 1, "linear": 2, "linear-t": 2, "quadratic-t": 3}
+    for rule, count in expected.items():
+        assert peak_cached_elements(plan.with_step_reuse(rule), elements) == count
+        assert peak_cached_elements_within_steps(plan.with_step_reuse(rule), elements) == count, rule
+    full = load_plan(official_plan_files("dit")[1])
+    hidden_bytes = 256 * 1152 * 4  # DiT-XL/2 at 256 px: one H in float32
+    for rule, count in expected.items():  # with module outputs the peak step may hold fewer H
+        variant = full.with_step_reuse(rule)
+        extra = variant.summary().peak_cache_bytes - full.summary().peak_cache_bytes
+        extra_within = variant.peak_cache_bytes_within_steps() - full.peak_cache_bytes_within_steps()
+        assert extra in ((count - 1) * hidden_bytes, min(count - 1, 1) * hidden_bytes), rule
+        assert extra_within in ((count - 1) * hidden_bytes, min(count - 1, 1) * hidden_bytes), rule
+        assert variant.summary().executed_fraction == full.summary().executed_fraction
+
+
+def test_module_forecasts_hold_one_more_output_per_forecast_module():
+    plan = small_plan()  # attn layer 1: computed 0, reused 1, computed 3 (2 skipped), reused 4-5 (skipped)...
+    (hold,) = module_held(plan)["attn"]
+    last, prev = module_held(plan.with_module_reuse("linear"))["attn"]
+    assert hold.tolist() == hold_after(plan)[0]["attn"].tolist()
+    assert (last >= hold).all() and (prev <= hold).all()
+    # attn layer 0 is reused at step 7 after computing 0, 1, 3, 6: 6 keeps its output, 3 too (it becomes the older point)
+    assert last[:, 0].tolist() == [False, False, False, True, True, True, True, False]
+    assert prev[:, 0].tolist() == [False, False, False, False, False, False, True, False]
+    elements = {"attn": 10, "mlp": 0, "hidden": 0}
+    for rule in ("linear", "linear-t"):
+        variant = plan.with_module_reuse(rule)
+        assert peak_cached_elements(variant, elements) == 10 * int((last.astype(int) + prev).sum(axis=1).max())
+        assert peak_cached_elements_within_steps(variant, elements) >= peak_cached_elements(variant, elements)
+        assert variant.summary().executed_fraction == plan.summary().executed_fraction
+    full = load_plan(official_plan_files("dit")[1])
+    forecast = full.with_module_reuse("linear")
+    assert forecast.summary().peak_cache_bytes > full.summary().peak_cache_bytes
+    assert forecast.peak_cache_bytes_within_steps() > full.peak_cache_bytes_within_steps()
+    assert forecast.summary().executed_fraction == full.summary().executed_fraction

@@ -55,6 +55,20 @@ def flux_call(pipe, seed=0, **kwargs):
     return pipe(**{**args, **kwargs}).images
 
 
+def dit_call(pipe, labels=(2, 5), seed=0):
+    return pipe(class_labels=list(labels), num_inference_steps=STEPS, guidance_scale=1.5,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images  # fmt: skip
+
+
+def same_as_plain_dit(pipe, plan: CachePlan) -> tuple[np.ndarray, PlainExecutor]:
+    """The runtime's images, asserted bit for bit equal to the plain executor's, and the executor."""
+    with cached(pipe, plan):
+        images = dit_call(pipe)
+    with PlainExecutor(pipe.transformer, plan) as plain:
+        assert np.array_equal(images, dit_call(pipe))
+    return images, plain
+
+
 def one_half_mostly(plan: CachePlan, half: str, seed: int) -> CachePlan:
     """``plan`` with the other half of the joint attention flagged at only ~1/3 of ``half``'s flags."""
     other = "context_attn" if half == "attn" else "attn"
@@ -87,15 +101,7 @@ def test_flux_true_cfg_two_calls_per_step_match_the_plain_executor(flux_pipe):
 def test_dit_plans_match_the_plain_executor(tiny):
     pipe = tiny.tiny_dit_pipeline(num_layers=3)
     plan = random_plan("dit", {"attn": 3, "mlp": 3}, seed=4, p=0.45, gate_p=0.3)
-
-    def generate():
-        return pipe(class_labels=[2, 5], num_inference_steps=STEPS, guidance_scale=1.5,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
-
-    with cached(pipe, plan):
-        images = generate()
-    with PlainExecutor(pipe.transformer, plan) as plain:
-        assert np.array_equal(images, generate())
+    _, plain = same_as_plain_dit(pipe, plan)
     assert len(plain.reused) > 10
 
 
@@ -208,8 +214,8 @@ def test_pipeline_generation_after_an_exception_mid_generation_starts_clean(tiny
 LINEAR_GATE = np.array([0, 0, 1, 0, 1, 1, 0, 1, 1, 0], bool)
 
 
-def linear_plan(arch: str, layers: dict[str, int], seed: int) -> CachePlan:
-    plan = random_plan(arch, layers, seed, p=0.3)
+def linear_plan(arch: str, layers: dict[str, int], seed: int, timesteps=None) -> CachePlan:
+    plan = random_plan(arch, layers, seed, p=0.3, timesteps=timesteps)
     return plan.with_flags(LINEAR_GATE, plan.modules).with_step_reuse("linear")
 
 
@@ -230,8 +236,7 @@ def test_dit_linear_step_reuse_matches_the_plain_executor(tiny):
     plan = linear_plan("dit", {"attn": 3, "mlp": 3}, seed=9)
 
     def generate():
-        return pipe(class_labels=[2, 5], num_inference_steps=STEPS, guidance_scale=1.5,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+        return dit_call(pipe)
 
     with cached(pipe, plan):
         images = generate()
@@ -241,22 +246,160 @@ def test_dit_linear_step_reuse_matches_the_plain_executor(tiny):
         assert not np.allclose(images, generate(), atol=1e-4)
 
 
-def test_linear_step_reuse_holds_exactly_the_hidden_states_it_needs(tiny):
-    from invardiff.plan import hidden_held
+def held_counts(cache) -> tuple[int, dict]:
+    """(H held, outputs held per module key) by the current branch of a live cache."""
+    branch = cache.current
+    hidden = (branch.hidden is not None) + len(branch.history.get("hidden", []))
+    return hidden, {key: 1 + len(branch.history.get(key, [])) for key in branch.modules}
 
+
+def spy_held(cache, held: list) -> None:
+    """Record :func:`held_counts` before each transformer call after the first."""
+    original = cache._begin_call
+
+    def spy(args, kwargs):
+        if cache._branches:
+            held.append(held_counts(cache))
+        original(args, kwargs)
+
+    cache._begin_call = spy
+
+
+def expected_held(plan: CachePlan) -> list[tuple[int, dict]]:
+    """What the plan says is held after each step but the last (:func:`hidden_held`, :func:`module_held`)."""
+    from invardiff.plan import hidden_held, module_held
+
+    hidden = hidden_held(plan).sum(axis=0)
+    modules = {kind: flags.sum(axis=0) for kind, flags in module_held(plan).items()}
+    return [(int(hidden[i]), {(kind, int(layer)): int(counts[i, layer]) for kind, counts in modules.items()
+                              for layer in np.flatnonzero(counts[i])})
+            for i in range(plan.steps - 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("step_reuse,module_reuse", [("linear", "hold"), ("quadratic-t", "hold"),
+                                                     ("linear", "linear"), ("hold", "linear-t")])  # fmt: skip
+def test_the_runtime_holds_exactly_what_the_plan_says(tiny, step_reuse, module_reuse):
     pipe = tiny.tiny_dit_pipeline(num_layers=2)
-    plan = linear_plan("dit", {"attn": 2, "mlp": 2}, seed=10)
-    held = []
+    plan = linear_plan("dit", {"attn": 2, "mlp": 2}, seed=10, timesteps=dit_schedule(pipe))
+    plan = plan.with_step_reuse(step_reuse).with_module_reuse(module_reuse)
+    held: list = []
     with cached(pipe, plan) as cache:
-        original = cache._begin_call
-
-        def spy(args, kwargs):
-            if cache._branches:
-                held.append((cache.current.hidden is not None, cache.current.previous is not None))
-            original(args, kwargs)
-
-        cache._begin_call = spy
+        spy_held(cache, held)
         pipe(class_labels=[1], num_inference_steps=STEPS, guidance_scale=1.5, output_type="np")
-    keep_last, keep_prev = hidden_held(plan)
-    assert held == list(zip(keep_last[:-1].tolist(), keep_prev[:-1].tolist()))
-    assert any(prev for _, prev in held)
+    assert held == expected_held(plan)
+    assert any(hidden >= 2 for hidden, _ in held) == (step_reuse != "hold")
+    assert any(n == 2 for _, modules in held for n in modules.values()) == (module_reuse != "hold")
+    assert any(hidden == 3 for hidden, _ in held) == (step_reuse == "quadratic-t")
+
+
+# ---- extrapolation in the schedule's own variable, and module forecasting -----------------
+def dit_schedule(pipe) -> tuple[float, ...]:
+    pipe.scheduler.set_timesteps(STEPS)
+    return tuple(float(t) for t in pipe.scheduler.timesteps)
+
+
+@pytest.fixture(scope="module")
+def shifted_flux_pipe(tiny):
+    """The tiny FLUX pipeline on FLUX.1-dev's scheduler settings: a non-uniform schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny.tiny_flux_pipeline(num_double=2, num_single=3)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                     max_shift=1.15, base_image_seq_len=256,
+                                                     max_image_seq_len=4096)  # fmt: skip
+    return pipe
+
+
+def called_schedule(pipe, call) -> tuple[float, ...]:
+    """The timesteps the transformer is called with, as the runtime reads the scheduler's."""
+    call()
+    return tuple((np.asarray(pipe.scheduler.timesteps.double()) * 1e-3).tolist())
+
+
+@pytest.mark.parametrize("step_reuse,module_reuse", [("linear-t", "hold"), ("quadratic-t", "hold"),
+                                                     ("hold", "linear"), ("quadratic-t", "linear-t")])  # fmt: skip
+def test_flux_timestep_rules_and_module_forecasts_match_the_plain_executor(shifted_flux_pipe, step_reuse,
+                                                                           module_reuse):  # fmt: skip
+    pipe = shifted_flux_pipe
+    call = {"negative_prompt": "z", "true_cfg_scale": 2.0}
+    timesteps = called_schedule(pipe, lambda: flux_call(pipe, num_inference_steps=STEPS))
+    assert np.ptp(np.diff(timesteps)) > 0.01  # really non-uniform
+    plan = linear_plan("flux", flux_layers(2, 3), seed=8, timesteps=timesteps)
+    plan = plan.with_step_reuse(step_reuse).with_module_reuse(module_reuse)
+    with cached(pipe, plan):
+        images = flux_call(pipe, **call)
+    with PlainExecutor(pipe.transformer, plan, calls_per_step=2) as plain:
+        assert np.array_equal(images, flux_call(pipe, **call))
+    assert any(kind == "joint_attn" for _, kind, _ in plain.reused)
+    # each part of the rule decides the output: in step index, or holding, it differs
+    other = plan.with_step_reuse(step_reuse.replace("-t", "").replace("quadratic", "linear"))
+    other = other.with_module_reuse("hold" if module_reuse == "linear-t" else module_reuse.replace("-t", ""))
+    if other != plan:
+        with cached(pipe, other):
+            assert not np.allclose(images, flux_call(pipe, **call), atol=1e-5)
+    if module_reuse != "hold":
+        with cached(pipe, plan.with_module_reuse("hold")):
+            assert not np.allclose(images, flux_call(pipe, **call), atol=1e-5)
+
+
+@pytest.mark.parametrize("step_reuse,module_reuse", [("quadratic-t", "hold"), ("linear", "linear"),
+                                                     ("hold", "linear-t")])  # fmt: skip
+def test_dit_timestep_rules_and_module_forecasts_match_the_plain_executor(tiny, step_reuse, module_reuse):
+    pipe = tiny.tiny_dit_pipeline(num_layers=3)
+    plan = linear_plan("dit", {"attn": 3, "mlp": 3}, seed=9, timesteps=dit_schedule(pipe))
+    plan = plan.with_step_reuse(step_reuse).with_module_reuse(module_reuse)
+    images, plain = same_as_plain_dit(pipe, plan)
+    assert plain.reused
+    with cached(pipe, plan.with_step_reuse("hold").with_module_reuse("hold")):
+        assert not np.allclose(images, dit_call(pipe), atol=1e-4)
+
+
+def test_on_a_uniform_schedule_linear_t_is_linear_bit_for_bit(tiny):
+    pipe = tiny.tiny_dit_pipeline(num_layers=2)
+    plan = linear_plan("dit", {"attn": 2, "mlp": 2}, seed=11, timesteps=dit_schedule(pipe))
+    outputs = []
+    for rule in ("linear", "linear-t"):
+        with cached(pipe, plan.with_step_reuse(rule).with_module_reuse(rule)):
+            outputs.append(pipe(class_labels=[4], num_inference_steps=STEPS, guidance_scale=1.5,
+                                generator=torch.Generator().manual_seed(0), output_type="np").images)  # fmt: skip
+    assert np.array_equal(*outputs)
+
+
+# computed 0, 2, 5, 9; step 1 reused after one computed step, 3-4 after two, 6-8 after three
+FALLBACK_GATE = np.array([0, 1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
+
+
+def skipped_hidden_states(pipe, plan: CachePlan) -> tuple[list, list]:
+    """H of each skipped step under the runtime and under the plain executor."""
+    def generate():
+        pipe(class_labels=[3], num_inference_steps=STEPS, guidance_scale=1.5, output_type="np",
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    runtime, plain = [], []
+    with cached(pipe, plan) as cache:
+        take = cache.take_hidden
+        cache.take_hidden = lambda: runtime.append(take()) or runtime[-1]
+        generate()
+    with PlainExecutor(pipe.transformer, plan) as executor:
+        skipped = executor.skipped_hidden
+        executor.skipped_hidden = lambda c, s: plain.append(skipped(c, s)) or plain[-1]
+        generate()
+    return runtime, plain
+
+
+def test_too_few_computed_steps_fall_back_to_the_highest_order_available(tiny):
+    """Step 1 (one computed step before it) is held under every rule; under quadratic-t steps
+    3-4 (two computed) are first order: what linear-t gives."""
+    pipe = tiny.tiny_dit_pipeline(num_layers=2)
+    plan = linear_plan("dit", {"attn": 2, "mlp": 2}, seed=12, timesteps=dit_schedule(pipe))
+    plan = plan.with_flags(FALLBACK_GATE, plan.modules)
+    hidden = {}
+    for rule in ("hold", "linear", "linear-t", "quadratic-t"):
+        runtime, plain = skipped_hidden_states(pipe, plan.with_step_reuse(rule))
+        assert len(runtime) == len(plain) == int(FALLBACK_GATE.sum())
+        assert all(torch.equal(a, b) for a, b in zip(runtime, plain)), rule
+        hidden[rule] = runtime
+    assert all(torch.equal(hidden[rule][0], hidden["hold"][0]) for rule in hidden)
+    assert not torch.equal(hidden["linear"][1], hidden["hold"][1])
+    assert all(torch.equal(hidden["quadratic-t"][k], hidden["linear-t"][k]) for k in (1, 2))
+    assert not torch.allclose(hidden["quadratic-t"][3], hidden["linear-t"][3], atol=1e-5)

@@ -1,6 +1,6 @@
 """Checkpoint sources: where a model alias's pipeline comes from, and what it can make.
 
-- ``builtin://digits-dit`` / ``builtin://digits-flux``: the committed digits models (16x16).
+- ``builtin://digits-dit`` / ``digits-flux`` / ``digits-flux-shifted``: the built-in digits models (16x16).
 - a local diffusers directory (``/path`` or ``file:///path``).
 - ``hf://org/name`` at the alias's revision, from the local Hugging Face cache only (never
   the hub); a missing snapshot is a :class:`~registry.errors.NotFound` naming the revision.

@@ -34,6 +34,12 @@ BUILTIN_MODELS: dict[str, dict[str, object]] = {
         "num_inference_steps": 28,
         "guidance_scale": QUALITY_GUIDANCE["digits-flux"],
     },
+    "digits-flux-shifted": {  # digits-flux's weights on FLUX.1-dev's shifted schedule
+        "architecture": "flux",
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "num_inference_steps": 28,
+        "guidance_scale": QUALITY_GUIDANCE["digits-flux"],
+    },
 }
 
 
@@ -42,7 +48,8 @@ def load_builtin(name: str) -> DiffusionPipeline:
 
     ``digits-dit`` is a diffusers ``DiTPipeline`` (classes 0-9, null class 1000, default
     ``guidance_scale`` 4.0 as in diffusers: pass it explicitly); ``digits-flux`` is a
-    :class:`~invardiff.models.digits.DigitsFluxPipeline` (default 28 steps, guidance 1.0).
+    :class:`~invardiff.models.digits.DigitsFluxPipeline` (default 28 steps, guidance 1.0);
+    ``digits-flux-shifted`` the same weights with FLUX.1-dev's dynamically shifted scheduler.
     Each call builds a fresh pipeline.
     """
     if name not in BUILTIN_MODELS:

@@ -10,6 +10,9 @@ Pipelines return images in [0, 1] of shape (N, 16, 16, C) with **C = 1** (grey l
 - ``digits-flux``: ``FluxTransformer2DModel`` on 2x2-packed pixels (64 tokens of 4 channels)
   in :class:`DigitsFluxPipeline`; flow matching, sampled with ``FlowMatchEulerDiscreteScheduler``
   (28 steps). Each class (and the null class 10) has fixed random "prompt" embeddings.
+- ``digits-flux-shifted``: the ``digits-flux`` weights sampled with FLUX.1-dev's scheduler
+  settings (:data:`FLUX_DEV_SCHEDULER`: dynamic shifting by the image sequence length, as
+  diffusers' ``FluxPipeline`` computes it), a non-uniform schedule; no retraining.
 
 Weights are stored as ``weights/<name>.safetensors`` (float16, loaded as float32) next to
 ``weights/<name>.json`` (architecture, scheduler and training record).
@@ -34,6 +37,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
@@ -79,6 +83,19 @@ FLUX_CONTEXT_TOKENS = 4
 # Guidance scale of the documented quality figures, the quality tests and the sample grids.
 QUALITY_GUIDANCE = {"digits-dit": 1.25, "digits-flux": 1.1}
 FLUX_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
+# FLUX.1-dev's scheduler config (its scheduler/scheduler_config.json): with dynamic shifting the
+# shift is exp(mu), mu linear in the image sequence length (``shift`` is then unused).
+FLUX_DEV_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# Built-in variants: (the committed weights they use, the scheduler config they sample with).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"digits-flux-shifted": ("digits-flux", FLUX_DEV_SCHEDULER)}
 
 
 class IdentityVAE(ModelMixin, ConfigMixin):
@@ -153,8 +170,9 @@ def flux_sigmas(num_inference_steps: int) -> np.ndarray:
 class DigitsFluxPipeline(DiffusionPipeline):
     """Class-conditional FLUX sampler for 16x16 digits in pixel space (C = 1).
 
-    Called like ``DiTPipeline``. Runs ``FlowMatchEulerDiscreteScheduler`` on the FLUX.1 sigma grid,
-    calls the transformer with ``FluxPipeline``'s keyword arguments (``timestep = t / 1000``), and
+    Called like ``DiTPipeline``. Runs ``FlowMatchEulerDiscreteScheduler`` on the FLUX.1 sigma grid
+    (shifted by ``mu`` from the image sequence length, as ``FluxPipeline`` does, when the
+    scheduler uses dynamic shifting), calls the transformer with ``FluxPipeline``'s keyword arguments (``timestep = t / 1000``), and
     batches classifier-free guidance (``guidance_scale > 1``) into one transformer call per step:
     conditional rows first, then the null class.
     """
@@ -171,6 +189,16 @@ class DigitsFluxPipeline(DiffusionPipeline):
         self.register_modules(
             transformer=transformer, scheduler=scheduler, class_embeddings=class_embeddings
         )
+
+    def shift(self, latents: torch.Tensor) -> dict[str, float]:
+        """``{"mu": ...}`` for a dynamically shifting scheduler (FluxPipeline's), else ``{}``."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return {}
+        mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))  # fmt: skip
+        return {"mu": mu}
 
     @torch.no_grad()
     def __call__(
@@ -204,7 +232,7 @@ class DigitsFluxPipeline(DiffusionPipeline):
             (n, channels, IMAGE_SIZE, IMAGE_SIZE), generator=generator, device=device, dtype=dtype
         )
         latents = pack(noise)
-        self.scheduler.set_timesteps(sigmas=flux_sigmas(num_inference_steps), device=device)
+        self.scheduler.set_timesteps(sigmas=flux_sigmas(num_inference_steps), device=device, **self.shift(latents))
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if cfg else latents
             pred = self.transformer(
@@ -308,10 +336,12 @@ def save_weights(pipe: DiffusionPipeline, name: str, record: dict[str, Any], out
 
 
 def load_pipeline(name: str, weights_dir: Path = WEIGHTS_DIR) -> DiffusionPipeline:
-    """Build ``name`` from ``<weights_dir>/<name>.json`` and load its float16 weights as float32."""
-    meta = json.loads((weights_dir / f"{name}.json").read_text())
-    pipe = BUILDERS[meta["architecture"]](meta["transformer"], meta["scheduler"])
-    tensors = load_file(str(weights_dir / f"{name}.safetensors"))
+    """Build ``name`` from ``<weights_dir>/<name>.json`` and load its float16 weights as float32
+    (a :data:`VARIANTS` entry: its weights, with its scheduler config)."""
+    weights, scheduler = VARIANTS.get(name, (name, None))
+    meta = json.loads((weights_dir / f"{weights}.json").read_text())
+    pipe = BUILDERS[meta["architecture"]](meta["transformer"], scheduler or meta["scheduler"])
+    tensors = load_file(str(weights_dir / f"{weights}.safetensors"))
     for prefix, module in _trained_modules(pipe).items():
         state = {
             key[len(prefix) + 1 :]: value.float()
