@@ -16,9 +16,10 @@ racing insert it once) and hands the job to a dispatcher:
 - :class:`InProcess` (no address, ``auto``, ``ray://``): runs the jobs one after the other
   with the fleet's driver (:func:`workers.driver.submit`), whose lease lets one driver compute.
 
-A setup due only because of age or an operator's mark would give the very request (and job
-key) that already succeeded; its request's ``refresh`` field (the plan's sha256 and last
-calibration time) makes it a new job, computed afresh.
+A setup due only because of age, an operator's mark or a revoked plan would give the very
+request (and job key) that already succeeded; its request's ``refresh`` field (the plan's
+sha256 and last calibration time) makes it a new job, computed afresh: a new version (its
+calibration record names the new job), where the old job would answer with the revoked plan.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from registry.staleness import DuePlan, Policy, find_due
 
 from .request import CalibrationRequest, build_request, library_versions
 
-REFRESH_ONLY = {"too_old", "marked"}
+REFRESH_ONLY = {"too_old", "marked", "revoked"}
 SUBMISSION_PREFIX = "invardiff-"
 PROGRAM = "invardiff-registry"
 
@@ -94,11 +95,20 @@ def submission_id(job: jobs.JobInfo) -> str:
     return f"{SUBMISSION_PREFIX}{job.job_key}-{job.attempts}"
 
 
-def job_entrypoint(job_key: str, workers: int | None = None, promote: str | None = None) -> str:
-    """What a submitted Ray job runs on the cluster's head."""
+def job_entrypoint(
+    job_key: str,
+    workers: int | None = None,
+    promote: str | None = None,
+    gate: dict[str, float | None] | None = None,
+) -> str:
+    """What a submitted Ray job runs on the cluster's head (``gate``: ``min_psnr``,
+    ``min_speedup``, passed on as ``--min-psnr`` / ``--min-speedup``)."""
     options = (f" --workers {int(workers)}" if workers else "") + (
         f" --promote {shlex.quote(promote)}" if promote else ""
     )
+    for name, value in (gate or {}).items():
+        if value is not None:
+            options += f" --{name.replace('_', '-')} {float(value)!r}"
     return f"{PROGRAM} recalibrate --job {job_key} --ray-address auto{options} --json"
 
 
@@ -106,7 +116,11 @@ class RayJobs:
     """Submit to a Ray cluster's job server (its dashboard address, ``http://head:8265``)."""
 
     def __init__(
-        self, address: str, workers: int | None = None, promote: str | None = None
+        self,
+        address: str,
+        workers: int | None = None,
+        promote: str | None = None,
+        gate: dict[str, float | None] | None = None,
     ) -> None:
         from ray.job_submission import JobSubmissionClient
 
@@ -117,12 +131,13 @@ class RayJobs:
                 f"cannot reach the Ray job server at {address}: {_line(exc)}"
             ) from None
         self.address, self.workers, self.promote = address, workers, promote
+        self.gate = gate or {}
 
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
         sid = submission_id(job)
         try:
             self.client.submit_job(
-                entrypoint=job_entrypoint(job.job_key, self.workers, self.promote),
+                entrypoint=job_entrypoint(job.job_key, self.workers, self.promote, self.gate),
                 submission_id=sid,
                 metadata={"invardiff_job_key": job.job_key, "model": job.model},
             )
@@ -143,6 +158,7 @@ class InProcess:
     workers: int | None = None
     promote: str | None = None
     progress: Any = None
+    gate: dict[str, float | None] | None = None  # min_psnr, min_speedup
 
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
         from .driver import RunOptions, submit
@@ -154,6 +170,7 @@ class InProcess:
             wait=False,
             promote=self.promote,
             progress=self.progress,
+            **(self.gate or {}),
         )
         try:
             result = submit(registry, CalibrationRequest.from_json(job.request), options)
@@ -164,21 +181,28 @@ class InProcess:
         except RegistryError as exc:  # this job failed (its row says so); go on with the next
             return {"action": "failed", "error": str(exc), "exit_code": exc.exit_code}
         return {
-            "action": "calibrated",
+            "action": "calibrated" if result.gate.get("passed", True) else "gate_failed",
             "version": result.version,
             "sha256": result.sha256,
             "created": result.created,
+            "plan_status": result.plan_status,
+            "gate": result.gate,
+            "promoted": result.promoted,
         }
 
 
 def dispatcher_for(
-    address: str | None, workers: int | None = None, promote: str | None = None, progress=None
+    address: str | None,
+    workers: int | None = None,
+    promote: str | None = None,
+    progress=None,
+    gate: dict[str, float | None] | None = None,
 ) -> Dispatcher:
     """:class:`RayJobs` for an ``http(s)://`` address, else :class:`InProcess`."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):
-        return RayJobs(address, workers, promote)
-    return InProcess(address, workers, promote, progress)
+        return RayJobs(address, workers, promote, gate)
+    return InProcess(address, workers, promote, progress, gate)
 
 
 def recalibrate_due(
@@ -210,7 +234,10 @@ def recalibrate_due(
     return {
         "dry_run": dispatcher is None,
         "due": entries,
-        "submitted": sum(e["action"] in ("submitted", "calibrated") for e in entries),
+        "submitted": sum(
+            e["action"] in ("submitted", "resubmitted", "calibrated", "gate_failed")
+            for e in entries
+        ),
     }
 
 

@@ -130,3 +130,40 @@ def snapshot(config) -> dict:
         sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
     )
     return state
+
+
+def calibration_record(**libraries: str) -> dict:
+    from invardiff.calibration import CALIBRATOR_VERSION, CalibrationParams
+    from workers.request import library_versions
+
+    current = library_versions()
+    return {
+        "calibrator_version": CALIBRATOR_VERSION,
+        "params": CalibrationParams.resolve("dit", "fast").to_json(),
+        "trajectories": 2,
+        "libraries": {"torch": current["torch"], "diffusers": current["diffusers"], **libraries},
+    }
+
+
+def publish_digits(
+    registry, tmp_path: Path, guidance: float, status: str = "ready", **libraries: str
+):
+    """A plan for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
+    from invardiff import PlanTarget, all_compute_plan
+    from registry.matching import Resolution
+
+    target = PlanTarget(
+        model_id="digits-dit",
+        pipeline="DiTPipeline",
+        scheduler="DDIMScheduler",
+        steps=50,
+        height=16,
+        width=16,
+        guidance=guidance,
+        dtype="float32",
+    )
+    plan = all_compute_plan(
+        "dit", 50, {"attn": 8, "mlp": 8}, target=target, calibration=calibration_record(**libraries)
+    )
+    path = plan.save(tmp_path / f"digits-{guidance}.json")
+    return registry.publish(path, "digits-dit", Resolution.parse("16"), status=status)

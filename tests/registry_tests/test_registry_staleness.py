@@ -21,17 +21,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from registry_helpers import FLUX_PLANS, ROOT, cli_env, make_registry
+from registry_helpers import FLUX_PLANS, ROOT, cli_env, make_registry, publish_digits
 from sqlalchemy import select, update
 
-from invardiff import PlanTarget, all_compute_plan
 from registry import jobs
 from registry.cli import main
 from registry.errors import NOT_FOUND, UNREACHABLE, USAGE, InvalidInput, NotFound
 from registry.matching import ModelInfo, Resolution, TargetKey
 from registry.models import CalibrationJob, PlanVersion
 from registry.staleness import PlanState, Policy, find_due, mark_stale, stale_reasons
-from workers.request import library_versions
 from workers.schedule import current_policy, recalibration_request
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
@@ -93,37 +91,6 @@ def test_rules() -> None:
 
 
 # ---- the query, on SQLite and PostgreSQL ----------------------------------------------------
-def calibration_record(**libraries: str) -> dict:
-    from invardiff.calibration import CALIBRATOR_VERSION, CalibrationParams
-
-    current = library_versions()
-    return {
-        "calibrator_version": CALIBRATOR_VERSION,
-        "params": CalibrationParams.resolve("dit", "fast").to_json(),
-        "trajectories": 2,
-        "libraries": {"torch": current["torch"], "diffusers": current["diffusers"], **libraries},
-    }
-
-
-def publish_digits(registry, tmp_path: Path, guidance: float, **libraries: str):
-    """A plan for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
-    target = PlanTarget(
-        model_id="digits-dit",
-        pipeline="DiTPipeline",
-        scheduler="DDIMScheduler",
-        steps=50,
-        height=16,
-        width=16,
-        guidance=guidance,
-        dtype="float32",
-    )
-    plan = all_compute_plan(
-        "dit", 50, {"attn": 8, "mlp": 8}, target=target, calibration=calibration_record(**libraries)
-    )
-    path = plan.save(tmp_path / f"digits-{guidance}.json")
-    return registry.publish(path, "digits-dit", Resolution.parse("16"))
-
-
 def due_by_model(registry, max_age_days: float | None = None) -> dict[tuple, list[str]]:
     with registry.session() as session:
         due = find_due(session, current_policy(max_age_days))
