@@ -30,9 +30,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from sqlalchemy import select
+
 from registry import jobs
 from registry.errors import NotFound, RegistryError, Unreachable
-from registry.models import utcnow
+from registry.models import CalibrationJob, utcnow
 from registry.staleness import DuePlan, Policy, find_due
 
 from .request import CalibrationRequest, build_request, library_versions
@@ -89,6 +91,8 @@ def _overrides(params: dict[str, Any]) -> dict[str, Any]:
 class Dispatcher(Protocol):
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]: ...
 
+    def preview(self, registry, job: jobs.JobInfo) -> dict[str, Any]: ...
+
 
 def submission_id(job: jobs.JobInfo) -> str:
     """The Ray job submission id of a job's next attempt."""
@@ -134,6 +138,60 @@ class RayJobs:
         self.gate = gate or {}
 
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        """Submit the job's next attempt, after reconciling its last submission (see
+        :meth:`reconcile`): one that failed or vanished before its job started makes the
+        job ``failed`` with the reason, and is submitted again as the next attempt."""
+        state, reason = self.reconcile(registry, job)
+        if state == ALIVE:
+            return {"action": "already_submitted", "submission_id": submission_id(job)}
+        if state == SUBMIT:
+            return self._submit(registry, job)
+        failed = submission_failed(registry, job, reason)
+        if failed is None:  # another scheduler reconciled it first: its submission stands
+            return {"action": "already_submitted", "submission_id": submission_id(job)}
+        outcome = self._submit(registry, failed)
+        return {**outcome, "action": "resubmitted", "error": reason,
+                "failed_submission": submission_id(job)}  # fmt: skip
+
+    def preview(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        """What :meth:`dispatch` would do, writing nothing (``--dry-run``)."""
+        state, reason = self.reconcile(registry, job)
+        if state == ALIVE:
+            return {"action": "already_submitted", "submission_id": submission_id(job)}
+        if state == SUBMIT:
+            return {"action": "would_submit"}
+        return {"action": "would_resubmit", "error": reason,
+                "failed_submission": submission_id(job)}  # fmt: skip
+
+    def reconcile(self, registry, job: jobs.JobInfo) -> tuple[str, str | None]:
+        """The state of the job's current submission id on the job server.
+
+        :data:`ALIVE` (pending or running there), :data:`SUBMIT` (never submitted), or
+        :data:`FAILED_SUBMISSION` with its reason: it ended (failed, stopped, or exited) without
+        its driver claiming the job (claiming moves the attempts, hence the id), or the row
+        records it as submitted and the job server does not know it (a head that lost its
+        jobs).
+        """
+        sid = submission_id(job)
+        try:
+            info = self.client.get_job_info(sid)
+        except RuntimeError as exc:
+            if "404" not in str(exc) and "does not exist" not in str(exc):
+                raise Unreachable(
+                    f"asking {self.address} about {sid} failed: {_line(exc)}"
+                ) from None
+            if recorded_submission(registry, job.job_key) != sid:
+                return SUBMIT, None
+            return FAILED_SUBMISSION, f"Ray job {sid} vanished from the job server {self.address}"
+        except Exception as exc:  # noqa: BLE001 - connection, auth: the server is unusable
+            raise Unreachable(f"asking {self.address} about {sid} failed: {_line(exc)}") from None
+        status = str(getattr(info.status, "value", info.status))
+        if status in ("PENDING", "RUNNING"):
+            return ALIVE, None
+        message = _line(RuntimeError(info.message or ""))[:500]
+        return FAILED_SUBMISSION, f"Ray job {sid} ended {status} before its job started: {message}"
+
+    def _submit(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
         sid = submission_id(job)
         try:
             self.client.submit_job(
@@ -147,7 +205,53 @@ class RayJobs:
                     f"submitting {sid} to {self.address} failed: {_line(exc)}"
                 ) from None
             return {"action": "already_submitted", "submission_id": sid}
+        record_submission(registry, job.job_key, sid, self.address)
         return {"action": "submitted", "submission_id": sid}
+
+
+ALIVE, SUBMIT, FAILED_SUBMISSION = "alive", "submit", "failed_submission"
+
+
+def _job_row(session, job_key: str) -> CalibrationJob:
+    return session.scalar(
+        select(CalibrationJob).where(CalibrationJob.job_key == job_key).with_for_update()
+    )
+
+
+def record_submission(registry, job_key: str, sid: str, address: str) -> None:
+    """Write the Ray submission id of the job's next attempt into its row's lineage."""
+    with registry.session() as session:
+        row = _job_row(session, job_key)
+        submitted = {"id": sid, "address": address, "at": utcnow().isoformat()}
+        row.lineage = {**(row.lineage or {}), "submission": submitted}
+
+
+def recorded_submission(registry, job_key: str) -> str | None:
+    """The Ray submission id last recorded for the job (None: never submitted to a server)."""
+    with registry.session() as session:
+        lineage = session.scalar(
+            select(CalibrationJob.lineage).where(CalibrationJob.job_key == job_key)
+        )
+    return ((lineage or {}).get("submission") or {}).get("id")
+
+
+def submission_failed(registry, job: jobs.JobInfo, reason: str) -> jobs.JobInfo | None:
+    """Mark ``job`` failed with ``reason``: its submission ended before its driver claimed it.
+
+    Its attempts go up, so that its next submission has a new id. None when the row moved
+    since ``job`` was read (a driver claimed it, or another scheduler reconciled it).
+    """
+    with registry.session() as session:
+        row = _job_row(session, job.job_key)
+        if row is None or row.attempts != job.attempts or row.status != job.status:
+            return None
+        row.status = "failed"
+        row.attempts += 1
+        row.error = reason[:2000]
+        row.finished_at = utcnow()
+        row.lease_holder = row.lease_expires_at = None
+        session.flush()
+        return jobs.job_info(row)
 
 
 @dataclass
@@ -159,6 +263,10 @@ class InProcess:
     promote: str | None = None
     progress: Any = None
     gate: dict[str, float | None] | None = None  # min_psnr, min_speedup
+
+    def preview(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
+        """What :meth:`dispatch` would do: run the job here."""
+        return {"action": "would_submit"}
 
     def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
         from .driver import RunOptions, submit
@@ -206,9 +314,19 @@ def dispatcher_for(
 
 
 def recalibrate_due(
-    registry, policy: Policy, dispatcher: Dispatcher | None, say=lambda message: None
+    registry,
+    policy: Policy,
+    dispatcher: Dispatcher | None,
+    say=lambda message: None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Find due setups and submit their jobs (``dispatcher`` None: a dry run, nothing written)."""
+    """Find due setups and submit their jobs.
+
+    ``dry_run`` writes nothing and reports what ``dispatcher`` would do (its ``preview``: a
+    Ray job server is asked about the jobs' submissions); ``dispatcher`` None is a dry run
+    that asks no one.
+    """
+    dry_run = dry_run or dispatcher is None
     with registry.session() as session:
         due = find_due(session, policy)
     entries = []
@@ -221,8 +339,8 @@ def recalibrate_due(
             say(f"{item.plan.model.name} {entry['resolution']}: cannot build its request: {exc}")
             continue
         entry["job_key"] = request.job_key
-        if dispatcher is None:
-            entries.append({**entry, **_dry_run(registry, request.job_key)})
+        if dry_run:
+            entries.append({**entry, **_dry_run(registry, request.job_key, dispatcher)})
             continue
         job, inserted = jobs.ensure_job(registry, request.job_key, request.model, request.to_json())
         outcome = _dispatch(registry, dispatcher, job)
@@ -232,7 +350,7 @@ def recalibrate_due(
             f"job {request.job_key[:12]} {outcome['action']}"
         )
     return {
-        "dry_run": dispatcher is None,
+        "dry_run": dry_run,
         "due": entries,
         "submitted": sum(
             e["action"] in ("submitted", "resubmitted", "calibrated", "gate_failed")
@@ -241,13 +359,15 @@ def recalibrate_due(
     }
 
 
-def _dispatch(registry, dispatcher: Dispatcher, job: jobs.JobInfo) -> dict[str, Any]:
+def _dispatch(
+    registry, dispatcher: Dispatcher, job: jobs.JobInfo, dry_run: bool = False
+) -> dict[str, Any]:
     """Hand over a pending or failed job, or one whose driver died; report the others."""
     if job.status == jobs.SUCCEEDED:
         return {"action": "succeeded", "version": (job.result or {}).get("version")}
     if job.status == "running" and not _expired(job):
         return {"action": "running", "lease_holder": job.lease_holder}
-    return dispatcher.dispatch(registry, job)
+    return dispatcher.preview(registry, job) if dry_run else dispatcher.dispatch(registry, job)
 
 
 def _expired(job: jobs.JobInfo) -> bool:
@@ -255,18 +375,13 @@ def _expired(job: jobs.JobInfo) -> bool:
     return expires is None or datetime.fromisoformat(expires) <= utcnow()
 
 
-def _dry_run(registry, job_key: str) -> dict[str, Any]:
+def _dry_run(registry, job_key: str, dispatcher: Dispatcher | None) -> dict[str, Any]:
     """What a real run would do with the job, without writing anything."""
     try:
         job = jobs.get_job(registry, job_key)
     except NotFound:
         return {"action": "would_submit"}
-    return _dispatch(registry, _WouldSubmit(), job)
-
-
-class _WouldSubmit:
-    def dispatch(self, registry, job: jobs.JobInfo) -> dict[str, Any]:
-        return {"action": "would_submit"}
+    return _dispatch(registry, dispatcher or InProcess(), job, dry_run=True)
 
 
 def run_job(registry, job_ref: str, dispatcher: InProcess) -> dict[str, Any]:

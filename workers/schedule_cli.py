@@ -84,8 +84,8 @@ def recalibrate(
             raise JobFailed(result["error"])
         _gate_exit([result])
         return
-    dispatcher = None if dry_run else dispatcher_for(ray_address, **settings)
-    result = recalibrate_due(registry, current_policy(max_age), dispatcher, say=_log)
+    dispatcher = dispatcher_for(ray_address, **settings)  # a dry run asks, never submits
+    result = recalibrate_due(registry, current_policy(max_age), dispatcher, _log, dry_run)
     lines = [
         f"{e['action']:<17} {e['model']:<16} {e['resolution']:>10} {e['target']['steps']:>4} steps  "
         f"{','.join(e['reasons'])}  {(e.get('job_key') or '-')[:12]}"
@@ -93,12 +93,19 @@ def recalibrate(
     ]
     _emit(as_json, result, "\n".join(lines) or "nothing is due")
     failed = [e for e in result["due"] if e["action"] in ("error", "failed")]
+    resubmitted = [e for e in result["due"] if e["action"] in ("resubmitted", "would_resubmit")]
+    problems = []
     if failed:
+        problems.append(f"{len(failed)} due plan(s) could not be submitted or failed")
+    if resubmitted:
+        again = "would be submitted again" if dry_run else "submitted again"
+        problems.append(
+            f"{len(resubmitted)} Ray submission(s) failed before their job started ({again})"
+        )
+    if problems:
         from registry.errors import RegistryError
 
-        raise RegistryError(
-            f"{len(failed)} due plan(s) could not be submitted or failed (see 'error' in the report)"
-        )
+        raise RegistryError("; ".join(problems) + " (see 'error' in the report)")
     _gate_exit(result["due"])
 
 
