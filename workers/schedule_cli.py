@@ -53,9 +53,10 @@ def recalibrate(
     """Recalibrate the targets whose latest plan is stale (--due), or run one job (--job).
 
     Stale: the model alias points at another revision, the calibrator or the diffusers/torch
-    minor version changed, the plan is older than --max-age, or it was marked (mark-stale).
-    Each job is inserted once (unique job key) and submitted once, even when several
-    schedulers run at the same time.
+    minor version changed, the plan is older than --max-age, it was marked (mark-stale), or
+    every plan of its target was revoked. Each job is inserted once (unique job key) and
+    submitted once, even when several schedulers run at the same time; a Ray submission that
+    failed or vanished before its job started fails the job and is submitted again (exit 1).
     """
     if due == (job_ref is not None):
         raise click.UsageError("give exactly one of --due and --job JOB")
