@@ -446,21 +446,11 @@ class _Run:
     def _publish(self, plan_bytes: bytes, validation, workers, attempts: int) -> JobResult:
         from .report import store_report
 
-        registry, request, options = self.registry, self.request, self.options
-        measured = {"validation": validation["metrics"]} if validation else {}
-        measured.update(_flat(validation["metrics"]) if validation else {})
-        gate = quality_gate(measured, options.min_psnr, options.min_speedup)
-        if options.min_psnr is not None or options.min_speedup is not None:
-            measured["gate"] = gate  # the gate it was published under (``show``)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{self.key[:16]}.plan.json"
-            path.write_bytes(plan_bytes)
-            published = registry.publish(path, request.model, request.resolution, request.steps,
-                                         status=READY if gate["passed"] else FAILED_GATE)  # fmt: skip
-        sha256 = published.version.sha256
-        target_id, metrics = jobs.add_version_metrics(
-            registry, sha256, published.target.key_hash, measured
+        registry, request = self.registry, self.request
+        published, target_id, metrics = publish_under_gate(
+            registry, request, plan_bytes, validation, self.options
         )
+        sha256 = published.version.sha256
         self.say(f"published {request.model} v{published.version.version} {sha256[:12]}"
                  f" ({'new' if published.created else 'same bytes as before'})")  # fmt: skip
         result = JobResult(
@@ -496,6 +486,31 @@ class _Run:
         if self.options.report is not None:
             result.report = _copy_report(registry, self.key, result, self.options.report)
         return result
+
+
+def publish_under_gate(
+    registry,
+    request: CalibrationRequest,
+    plan_bytes: bytes,
+    validation: dict[str, Any] | None,
+    options: RunOptions,
+):
+    """Publish a computed plan with its validation metrics, as ``failed_gate`` when they are
+    below ``options``' gate; return the publish result, the target's id and the metrics."""
+    measured = {"validation": validation["metrics"]} if validation else {}
+    measured.update(_flat(validation["metrics"]) if validation else {})
+    gate = quality_gate(measured, options.min_psnr, options.min_speedup)
+    if options.min_psnr is not None or options.min_speedup is not None:
+        measured["gate"] = gate  # the gate it was published under (``show``)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{request.job_key[:16]}.plan.json"
+        path.write_bytes(plan_bytes)
+        published = registry.publish(path, request.model, request.resolution, request.steps,
+                                     status=READY if gate["passed"] else FAILED_GATE)  # fmt: skip
+    target_id, metrics = jobs.add_version_metrics(
+        registry, published.version.sha256, published.target.key_hash, measured
+    )
+    return published, target_id, metrics
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:

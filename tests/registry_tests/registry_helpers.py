@@ -145,12 +145,9 @@ def calibration_record(**libraries: str) -> dict:
     }
 
 
-def publish_digits(
-    registry, tmp_path: Path, guidance: float, status: str = "ready", **libraries: str
-):
-    """A plan for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
+def digits_plan(tmp_path: Path, guidance: float, **libraries: str) -> Path:
+    """A plan file for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
     from invardiff import PlanTarget, all_compute_plan
-    from registry.matching import Resolution
 
     target = PlanTarget(
         model_id="digits-dit",
@@ -165,5 +162,14 @@ def publish_digits(
     plan = all_compute_plan(
         "dit", 50, {"attn": 8, "mlp": 8}, target=target, calibration=calibration_record(**libraries)
     )
-    path = plan.save(tmp_path / f"digits-{guidance}.json")
+    return plan.save(tmp_path / f"digits-{guidance}.json")
+
+
+def publish_digits(
+    registry, tmp_path: Path, guidance: float, status: str = "ready", **libraries: str
+):
+    """Publish :func:`digits_plan` for digits-dit (16x16) with ``status``."""
+    from registry.matching import Resolution
+
+    path = digits_plan(tmp_path, guidance, **libraries)
     return registry.publish(path, "digits-dit", Resolution.parse("16"), status=status)

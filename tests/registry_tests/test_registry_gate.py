@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from registry_helpers import FLUX_PLANS, FLUX_SOURCE, cli_env, publish_digits
+from registry_helpers import FLUX_PLANS, FLUX_SOURCE, cli_env, digits_plan, publish_digits
 
 from registry import jobs
 from registry.cli import main
@@ -20,7 +20,7 @@ from registry.config import Config
 from registry.errors import NOT_FOUND, InvalidInput, NotFound
 from registry.matching import FAILED_GATE, READY, REVOKED, Query, Resolution
 from registry.service import BUILTIN_MODELS
-from workers.driver import PlanRevoked, RunOptions, submit
+from workers.driver import PlanRevoked, RunOptions, publish_under_gate, submit
 from workers.request import build_request
 
 DIT = next(m for m in BUILTIN_MODELS if m.name == "digits-dit")
@@ -83,6 +83,26 @@ def test_a_plan_below_its_gate_is_recorded_and_never_served(registry, config, tm
     assert "status: FAILED-GATE" in shown.stdout.splitlines()
     data = json.loads(runner.invoke(main, ["show", below.version.sha256[:12], "--json"]).stdout)
     assert data["status"] == FAILED_GATE and not data["latest"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_driver_publishes_a_plan_below_its_gate_as_failed_gate(registry, config, tmp_path):
+    request = build_request(DIT, trajectories=2, validate=2, repeats=1)
+    validation = {"metrics": {"measured_speedup": 2.0, "psnr_db": 20.0, "samples": 2}}
+    below = digits_plan(tmp_path, request.guidance).read_bytes()
+    published, _, metrics = publish_under_gate(
+        registry, request, below, validation, RunOptions(min_psnr=30.0, promote="production")
+    )
+    assert published.version.status == FAILED_GATE and not metrics["gate"]["passed"]
+    assert metrics["psnr_db"] == 20.0 and "PSNR 20.0 dB < 30.0 dB" in metrics["gate"]["reasons"]
+    query = replace(QUERY, guidance=request.guidance)
+    assert served(config, query) == {"database": None, "index": None}
+    passing = digits_plan(tmp_path, request.guidance, torch="1.13.0").read_bytes()
+    published, _, _ = publish_under_gate(
+        registry, request, passing, validation, RunOptions(min_psnr=10.0)
+    )
+    assert published.version.status == READY and published.version.version == 2
+    assert served(config, query) == {"database": 2, "index": 2}
 
 
 # ---- the driver re-judges a finished job (no Ray: answered from its row) ----------------------
