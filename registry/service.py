@@ -222,6 +222,8 @@ class Registry:
         unknown = set(given) - set(_MODEL_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        given = check_settings({"source": source, "revision": revision, **given})  # bad: exit 2
+        source, revision = given.pop("source"), given.pop("revision")
         self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
@@ -541,6 +543,18 @@ class Registry:
             raise Conflict(f"alias {alias} was moved concurrently: re-read it and retry") from None
         self.write_indexes(self._models_of(source))
         return result
+
+    def version_status(self, sha256: str, target: TargetKey) -> str:
+        """The status of the version with ``sha256`` of ``target`` (whatever alias names it)."""
+        with self.session() as session:
+            status = session.scalar(
+                select(PlanVersion.status)
+                .join(PlanVersion.target)
+                .where(PlanTarget.key_hash == target.key_hash, PlanVersion.sha256 == sha256)
+            )
+        if status is None:
+            raise NotFound(f"no plan {sha256[:12]} for {target.describe()}")
+        return status
 
     def admit(self, ref: str, gate: dict[str, Any], model_name: str | None = None) -> VersionInfo:
         """Put a ``failed_gate`` version into service: it passed ``gate``, explicit thresholds.

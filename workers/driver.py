@@ -38,7 +38,7 @@ from typing import Any
 
 from registry import jobs
 from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
-from registry.matching import FAILED_GATE, READY, REVOKED
+from registry.matching import FAILED_GATE, READY, REVOKED, TargetKey
 
 from .errors import JobBusy, JobFailed
 from .request import CalibrationRequest, shard_prefix
@@ -183,7 +183,11 @@ def _apply_gate_and_promotion(registry, result: JobResult, options: RunOptions) 
     if result.sha256 is None:
         return
     gate = quality_gate(result.metrics, options.min_psnr, options.min_speedup)
-    status = registry.show(result.sha256, result.model)["status"]
+    status = (
+        registry.version_status(result.sha256, TargetKey.from_json(result.target))
+        if result.target
+        else registry.show(result.sha256, result.model)["status"]
+    )
     if status == REVOKED:
         raise PlanRevoked(
             f"the plan of job {result.job_key[:12]} ({result.model} v{result.version}, "
