@@ -12,7 +12,9 @@ racing insert it once) and hands the job to a dispatcher:
   recalibrate --job KEY --ray-address auto`` to the cluster's job server under the submission
   id ``invardiff-<job_key>-<attempts>``; the job server refuses a second submission of an id,
   so racing schedulers submit each job once, and a failed job (attempts + 1) is submitted again
-  on a later run;
+  on a later run. A submission whose Ray job ended (or vanished) before its driver claimed the
+  job is reconciled first (:meth:`RayJobs.reconcile`): the job fails with the reason and is
+  submitted again under its next id;
 - :class:`InProcess` (no address, ``auto``, ``ray://``): runs the jobs one after the other
   with the fleet's driver (:func:`workers.driver.submit`), whose lease lets one driver compute.
 
