@@ -150,6 +150,10 @@ def test_a_revoked_result_is_not_an_answer(registry, config, tmp_path) -> None:
     with pytest.raises(PlanRevoked, match="was revoked") as caught:
         submit(registry, request, RunOptions())
     assert caught.value.exit_code == NOT_FOUND
+    runner = CliRunner(env=cli_env(config))
+    again = runner.invoke(main, ["calibrate", "digits-dit", "16", "--trajectories", "2", "--json"])
+    assert again.exit_code == NOT_FOUND
+    assert "was revoked" in again.stderr.strip().splitlines()[-1]
     assert [j.status for j in jobs.list_jobs(registry)] == ["succeeded"]  # nothing recomputed
 
 
