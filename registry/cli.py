@@ -20,7 +20,7 @@ import click
 
 from .config import Config
 from .errors import GENERIC, USAGE, RegistryError
-from .matching import LATEST, REVOKED, Query, Resolution
+from .matching import LATEST, READY, Query, Resolution
 from .validation import MAX_MIN_AGE, MAX_PRESIGN_SECONDS, MAX_STEPS, mask_secrets, url_secrets
 
 PROG = "invardiff-registry"
@@ -264,7 +264,7 @@ def models() -> None:
 @click.option(
     "--arch",
     type=click.Choice(["dit", "flux"]),
-    help="Architecture (guessed from SOURCE if it says).",
+    help="Architecture (guessed from SOURCE if it says; --update keeps the alias's).",
 )
 @click.option("--pipeline", help="Default pipeline class.")
 @click.option("--scheduler", help="Default scheduler class.")
@@ -274,7 +274,9 @@ def models() -> None:
 @click.option("--guidance", type=FINITE, help="Default guidance scale.")
 @click.option("--dtype", help="Default dtype (float32, bfloat16, ...).")
 @click.option(
-    "--update", is_flag=True, help="Change an existing alias (e.g. repoint its revision)."
+    "--update",
+    is_flag=True,
+    help="Change an existing alias (e.g. repoint its revision): only the options given.",
 )
 @json_option
 @click.pass_context
@@ -290,21 +292,10 @@ def models_add(
 ) -> None:
     """Register model alias NAME for checkpoint SOURCE (e.g. hf://org/model)."""
     revision = settings.pop("revision")
-    arch = arch or _guess_arch(source)
     if resolution is not None:
         settings.update(height=resolution.height, width=resolution.width)
     model = _registry(ctx).add_model(name, source, revision, arch, settings, update=update)
     _emit(as_json, model.to_json(), model.describe())
-
-
-def _guess_arch(source: str) -> str:
-    lowered = source.lower()
-    found = [arch for arch in ("dit", "flux") if arch in lowered]
-    if len(found) != 1:
-        raise click.UsageError(
-            "cannot tell the architecture from SOURCE: pass --arch dit or --arch flux"
-        )
-    return found[0]
 
 
 @models.command("list")
@@ -358,8 +349,8 @@ def publish(
     result = _registry(ctx).publish(file, model_name, resolution, steps)
     _log(f"stored {result.version.object_key} ({result.version.size} bytes)")
     state = "published" if result.created else "already published"
-    if result.version.status == REVOKED:
-        state += " (revoked: it is not served)"
+    if result.version.status != READY:
+        state += f" ({status_mark(result.version.status)}: it is not served)"
     human = f"{state}: {model_name} {result.target.describe()} v{result.version.version} {result.version.sha256}"
     _emit(as_json, result.to_json(), human)
 
@@ -411,8 +402,13 @@ def fetch(
     matched = result.to_json()["resolution"]
     asked = f" (asked {result.requested})" if matched != result.requested else ""
     how = "from cache" if result.cached else "resolved"
-    if result.stale:
+    if "offline" in result.stale_reasons:
         how = "from cache (stale: the registry is unreachable)"
+    if "revision_changed" in result.stale_reasons:
+        how += (
+            f" (stale: {model} is at revision {result.model_revision}, which has no plan under "
+            f"{result.selected_by}; serving revision {result.target['revision']}'s)"
+        )
     _log(
         f"{result.match} match: {model} {matched}{asked}, {result.target['steps']} steps, "
         f"v{result.version} ({result.selected_by}), {how}"
@@ -431,9 +427,7 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
         (
             f"{','.join(r['models']):<16} {r['resolution']:>10} {r['target']['steps']:>4} steps  "
             f"{r['target']['scheduler'] or '-':<32} v{r['version']:<3} {r['sha256'][:12]}  "
-            + ",".join(
-                [*(["latest"] if r["latest"] else []), *r["aliases"], *_revoked(r["status"])]
-            )
+            + ",".join([*(["latest"] if r["latest"] else []), *r["aliases"], *_marks(r["status"])])
             + _measured(r["metrics"])
         ).rstrip()
         for r in rows
@@ -441,8 +435,13 @@ def list_(ctx: click.Context, model_name: str | None, as_json: bool) -> None:
     _emit(as_json, rows, "\n".join(lines) or "no plans")
 
 
-def _revoked(status: str) -> list[str]:
-    return [status.upper()] if status == REVOKED else []
+def status_mark(status: str) -> str:
+    """How humans see a version's status: ``REVOKED``, ``FAILED-GATE``, ``ready``."""
+    return status if status == READY else status.upper().replace("_", "-")
+
+
+def _marks(status: str) -> list[str]:
+    return [] if status == READY else [status_mark(status)]
 
 
 def _measured(metrics: dict[str, Any]) -> str:
@@ -488,7 +487,7 @@ def show(
     data = registry.show(plan, model_name)
     if presign:
         data["url"] = registry.store.presign(data["object_key"], expires)
-    _emit(as_json, data, render(data))
+    _emit(as_json, data, render({**data, "status": status_mark(data["status"])}))
 
 
 @main.command()

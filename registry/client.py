@@ -7,7 +7,9 @@ hit needs neither: this module imports no database or S3 code until a miss.
 A query's cached answer (its ref) is used for ``Config.ref_ttl`` seconds (``INVARDIFF_REF_TTL``,
 default 600); after that the query is resolved again, so an alias move or a new ``latest``
 reaches clients within the TTL. When the registry cannot be reached then, the expired answer
-is used (offline), marked ``stale``.
+is used (offline), marked ``stale``. An alias answered by an earlier revision's plan (the
+model alias moved to a revision with no promoted plan yet; rule 6 of :mod:`registry.matching`)
+is marked ``stale`` too: ``stale_reasons`` says which (``offline``, ``revision_changed``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class FetchResult:
     requested: str
     cached: bool
     stale: bool = False
+    stale_reasons: tuple[str, ...] = ()
+    model_revision: str | None = None  # the alias's revision (the target's when it is served)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,8 @@ class FetchResult:
             "target": self.target,
             "cached": self.cached,
             "stale": self.stale,
+            "stale_reasons": list(self.stale_reasons),
+            "model_revision": self.model_revision,
         }
 
 
@@ -113,14 +119,14 @@ def fetch_plan(
     record, data = found or (None, b"")
     resolved_at = record.get("resolved_at") if record else None
     cached = _is_number(resolved_at) and 0 <= time.time() - resolved_at < config.ref_ttl
-    stale = False
+    offline = False
     if not cached:
         try:
             fresh, data = _download(query, config, cache, use_index)
         except Unreachable:
             if record is None:
                 raise
-            cached = stale = True  # offline: the expired answer is better than none
+            cached = offline = True  # offline: the expired answer is better than none
         else:
             record = {**fresh, "resolved_at": time.time()}
             cache.put_ref(identity, record)
@@ -146,8 +152,17 @@ def fetch_plan(
         target=record["target"],
         requested=str(query.resolution),
         cached=cached,
-        stale=stale,
+        stale=bool(reasons := _stale_reasons(record, offline)),
+        stale_reasons=reasons,
+        model_revision=record.get("model_revision", record["target"].get("revision")),
     )
+
+
+def _stale_reasons(record: dict[str, Any], offline: bool) -> tuple[str, ...]:
+    reasons = ("offline",) if offline else ()
+    if record.get("stale_reason") == "revision_changed":
+        reasons += ("revision_changed",)
+    return reasons
 
 
 def _is_int(value: Any, minimum: int = 0) -> bool:
@@ -239,6 +254,8 @@ def _download(
         "selected_by": resolved.selected_by,
         "model": resolved.model.name,
         "target": resolved.target.to_json(),
+        "stale_reason": resolved.stale_reason,
+        "model_revision": resolved.model.revision,
     }
     problem = answer_problem(record, data, query)
     if problem is not None:

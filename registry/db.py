@@ -19,7 +19,7 @@ from .timeouts import db_timeout
 from .validation import mask_secrets, url_secrets
 
 # The Alembic head this code is written for; a test checks it equals the migrations' head.
-SCHEMA_REVISION = "0004_stale"
+SCHEMA_REVISION = "0005_gate"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # Open server connections of each engine, for the transaction deadline (see ``guarded``).
 _CONNECTIONS: weakref.WeakKeyDictionary[Engine, weakref.WeakSet] = weakref.WeakKeyDictionary()

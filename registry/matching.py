@@ -10,8 +10,14 @@ resolver, so both answer every query the same way. The rules (see docs/registry.
 4. Resolution is exact, or with ``allow_nearest`` the closest one of the same aspect ratio
    within a factor :data:`MAX_NEAREST_SCALE` per side (ties go to the larger).
 5. Within the target, ``latest`` is the highest ready version; any other alias name is
-   looked up in the target's aliases. A revoked version is never served: targets without a
-   ready version are not candidates, and an alias on a revoked version is not found.
+   looked up in the target's aliases. Only ready versions are served (a revoked one, or one
+   below its quality gate, ``failed_gate``, never is): targets without a ready version are not
+   candidates, and an alias on a version that is not ready is not found.
+6. An alias (not ``latest``) that the model's revision cannot answer is answered by the same
+   alias of an earlier revision of the same checkpoint source: the revision of the newest
+   matching target holding the alias on a ready version. The answer is marked
+   ``stale_reason = "revision_changed"``: the alias moved to a revision with no promoted plan
+   yet, and keeps serving the plan promoted before until one is promoted for the new revision.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InvalidInput, NotFound
@@ -38,6 +44,7 @@ MAX_NEAREST_SCALE = 2.0
 LATEST = "latest"
 READY = "ready"
 REVOKED = "revoked"
+FAILED_GATE = "failed_gate"  # below its quality gate at publish: recorded, never served
 _RESOLUTION = re.compile(r"[ \t]*([0-9]{1,9})[ \t]*(?:[xX][ \t]*([0-9]{1,9})[ \t]*)?", re.ASCII)
 _OPEN_FIELDS = ("pipeline", "scheduler_config_hash", "guidance", "dtype")
 
@@ -187,6 +194,17 @@ class TargetEntry:
         ready = [v for v in self.versions if v.status == READY]
         return max(ready, key=lambda v: v.version) if ready else None
 
+    def aliased(self) -> TargetEntry | None:
+        """This entry with only the ready versions an alias points at; None if there is none.
+
+        What the store index keeps of an earlier revision's targets (rule 6)."""
+        servable = self.servable()
+        if servable is None or not servable.aliases:
+            return None
+        numbers = set(servable.aliases.values())
+        versions = tuple(v for v in servable.versions if v.version in numbers)
+        return TargetEntry(key=self.key, versions=versions, aliases=servable.aliases)
+
     def servable(self) -> TargetEntry | None:
         """This entry with only its ready versions and the aliases on them; None if none is ready.
 
@@ -261,10 +279,46 @@ class Resolved:
     version: VersionInfo
     match: str  # "exact" or "nearest"
     selected_by: str  # "latest" or "alias:<name>"
+    stale_reason: str | None = None  # "revision_changed": an earlier revision's plan (rule 6)
 
 
 def resolve(model: ModelInfo, query: Query, entries: list[TargetEntry]) -> Resolved:
-    """Apply the module's rules; raise :class:`NotFound` listing what exists otherwise."""
+    """Apply the module's rules; raise :class:`NotFound` listing what exists otherwise.
+
+    ``entries`` may hold targets of any revision of the model's source (rule 6 uses them).
+    """
+    try:
+        return _resolve_at(model, model.revision, query, entries)
+    except NotFound:
+        if query.alias == LATEST:
+            raise
+        for revision in _earlier_revisions(model, entries):
+            try:
+                found = _resolve_at(model, revision, query, entries)
+            except NotFound:
+                continue
+            return replace(found, stale_reason="revision_changed")
+        raise
+
+
+def _earlier_revisions(model: ModelInfo, entries: list[TargetEntry]) -> list[str | None]:
+    """The source's other revisions, the one of the newest target (last in ``entries``) first."""
+    order: list[str | None] = []
+    for entry in reversed(entries):
+        revision = entry.key.revision
+        if (
+            entry.key.source == model.source
+            and revision != model.revision
+            and revision not in order
+        ):
+            order.append(revision)
+    return order
+
+
+def _resolve_at(
+    model: ModelInfo, revision: str | None, query: Query, entries: list[TargetEntry]
+) -> Resolved:
+    """Rules 1-5 for the targets of ``model``'s source at ``revision``."""
     scheduler = query.scheduler or model.scheduler
     steps = query.steps or model.steps
     wanted = {
@@ -278,7 +332,7 @@ def resolve(model: ModelInfo, query: Query, entries: list[TargetEntry]) -> Resol
         for e in entries
         if e.latest() is not None  # a target whose versions are all revoked serves nothing
         and e.key.source == model.source
-        and e.key.revision == model.revision
+        and e.key.revision == revision
         and (steps is None or e.key.steps == steps)
         and (scheduler is None or e.key.scheduler == scheduler)
         and all(value is None or getattr(e.key, name) == value for name, value in wanted.items())

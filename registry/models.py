@@ -32,7 +32,7 @@ NAMING_CONVENTION = {
 }
 
 JOB_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
-VERSION_STATUSES = ("ready", "revoked")
+VERSION_STATUSES = ("ready", "revoked", "failed_gate")
 
 
 def one_of(column: str, values: tuple[str, ...]) -> str:

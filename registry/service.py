@@ -40,6 +40,7 @@ from .errors import (
 from .faults import crash_point
 from .index import encode_index, index_key
 from .matching import (
+    FAILED_GATE,
     LATEST,
     READY,
     REVOKED,
@@ -112,6 +113,12 @@ BUILTIN_MODELS = (
 def checkpoint_id(source: str) -> str:
     """The id a pipeline loads: ``hf://org/name`` -> ``org/name``; other sources unchanged."""
     return source.removeprefix("hf://")
+
+
+def guess_arch(source: str) -> str | None:
+    """The architecture ``source`` names (``dit`` or ``flux``), None unless exactly one."""
+    found = [arch for arch in ARCHITECTURES if arch in source.lower()]
+    return found[0] if len(found) == 1 else None
 
 
 def arch_defaults(arch: str) -> dict[str, Any]:
@@ -197,32 +204,37 @@ class Registry:
         name: str,
         source: str,
         revision: str | None,
-        arch: str,
+        arch: str | None,
         settings: dict[str, Any],
         update: bool = False,
     ) -> ModelInfo:
-        """Register (or with ``update`` repoint) a model alias; defaults come from ``arch``."""
+        """Register a model alias, or with ``update`` change an existing one.
+
+        A new alias takes its defaults from ``arch`` (guessed from ``source`` when None and it
+        names exactly one architecture). ``update`` changes only what is given: ``revision``,
+        ``arch`` and settings left None keep the alias's values (another ``arch`` starts from
+        its defaults).
+        """
         check_name(name, "model")
-        if arch not in ARCHITECTURES:
+        if arch is not None and arch not in ARCHITECTURES:
             raise InvalidInput(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
         given = {k: v for k, v in settings.items() if v is not None}
         unknown = set(given) - set(_MODEL_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        values = check_settings(
-            {"source": source, "revision": revision, **arch_defaults(arch), **given}
-        )
-        model = ModelInfo(name=name, arch=arch, **values)
+        given = check_settings({"source": source, "revision": revision, **given})  # bad: exit 2
+        source, revision = given.pop("source"), given.pop("revision")
         self.store.check_writable()  # an unreachable store must fail before the commit
         try:
             with self.session() as session:
                 row = session.scalar(select(ModelAlias).where(ModelAlias.name == name))
-                if row is not None and not update:
-                    if _model_info(row) == model:
+                current = None if row is None else _model_info(row)
+                model = _new_model_info(name, source, revision, arch, given, current, update)
+                if current is not None and not update:
+                    if current == model:
                         return model
                     raise Conflict(
-                        f"model {_model_info(row).describe()} already exists; "
-                        "pass --update to change it"
+                        f"model {current.describe()} already exists; pass --update to change it"
                     )
                 if row is None:
                     session.add(ModelAlias(**model.to_json()))
@@ -261,15 +273,21 @@ class Registry:
         model_name: str,
         resolution: Resolution | None,
         steps: int | None = None,
+        status: str = READY,
     ) -> PublishResult:
         """Store a plan file's canonical bytes and register it as a version of its target.
 
-        Idempotent: the same bytes for the same target give the existing version. Concurrent
+        ``status`` is ``ready``, or ``failed_gate`` for a plan below its quality gate: recorded
+        with its metrics, never served (not ``latest``, not an alias, not in the index).
+        Idempotent: the same bytes for the same target give the existing version (whose status
+        stays as it is). Concurrent
         publishers race on the database's unique constraints and retry a bounded number of times.
         A lease keeps gc off the object from before it is written until the version that
         references it commits (see :mod:`registry.leases`); a damaged copy already in the
         store is replaced.
         """
+        if status not in (READY, FAILED_GATE):
+            raise InvalidInput(f"a plan is published ready or failed_gate, not {status!r}")
         model = self.model(model_name)
         plan, lineage = _load_for(Path(path), model, resolution, steps)
         data = plan.to_bytes()
@@ -286,7 +304,7 @@ class Registry:
                     put_blob(self.store, data)
                     crash_point("publish.stored")
                 try:
-                    result = self._register(model, key, blob, metrics, lineage, lease)
+                    result = self._register(model, key, blob, metrics, lineage, lease, status)
                     lease = None  # consumed by the commit
                     break
                 except (IntegrityError, leases.LeaseLost) as exc:
@@ -302,7 +320,7 @@ class Registry:
                 with suppress(RegistryError):
                     leases.release(self.session, lease)
         crash_point("publish.committed")
-        self.write_indexes(self._models_of(key.source, key.revision))  # also heals a missed write
+        self.write_indexes(self._models_of(key.source))  # also heals a missed write
         return result
 
     def _register(
@@ -313,6 +331,7 @@ class Registry:
         metrics: dict[str, Any],
         lineage: dict[str, Any],
         lease: int,
+        status: str,
     ) -> PublishResult:
         with self.session() as session:
             leases.end_publish(session, blob.key, lease)
@@ -344,7 +363,7 @@ class Registry:
                 size=blob.size,
                 object_key=blob.key,
                 format_version=FORMAT_VERSION,
-                status=READY,
+                status=status,
                 metrics=metrics,
                 lineage=lineage,
                 calibration_job_id=job_id,
@@ -354,11 +373,17 @@ class Registry:
             return PublishResult(True, model.name, key, _version_info(row))
 
     # ---- reading ------------------------------------------------------------------------
-    def entries(self, session: Session, source: str, revision: str | None) -> list[TargetEntry]:
-        """All targets of one checkpoint with their versions and aliases."""
+    def entries(
+        self, session: Session, source: str, revision: str | None, any_revision: bool = False
+    ) -> list[TargetEntry]:
+        """All targets of one checkpoint (``any_revision``: of its source) with their versions
+        and aliases, oldest target first."""
+        where = [PlanTarget.source == source]
+        if not any_revision:
+            where.append(_is(PlanTarget.revision, revision))
         targets = session.scalars(
             select(PlanTarget)
-            .where(PlanTarget.source == source, _is(PlanTarget.revision, revision))
+            .where(*where)
             .options(
                 selectinload(PlanTarget.versions),
                 selectinload(PlanTarget.aliases).selectinload(PlanAlias.plan_version),
@@ -371,7 +396,8 @@ class Registry:
         """Answer a fetch query from the database."""
         model = self.model(query.model)
         with self.session() as session:
-            return resolve(model, query, self.entries(session, model.source, model.revision))
+            entries = self.entries(session, model.source, model.revision, any_revision=True)
+            return resolve(model, query, entries)
 
     def versions(self, model_name: str | None = None) -> list[dict[str, Any]]:
         """Every plan version (of one model's checkpoint, or all), by checkpoint, target, version."""
@@ -512,11 +538,49 @@ class Registry:
                     "lock_version": current.lock_version,
                     "target": _target_key(row.target).to_json(),
                 }
-                source, revision = row.target.source, row.target.revision
+                source = row.target.source
         except (StaleDataError, IntegrityError):
             raise Conflict(f"alias {alias} was moved concurrently: re-read it and retry") from None
-        self.write_indexes(self._models_of(source, revision))
+        self.write_indexes(self._models_of(source))
         return result
+
+    def version_status(self, sha256: str, target: TargetKey) -> str:
+        """The status of the version with ``sha256`` of ``target`` (whatever alias names it)."""
+        with self.session() as session:
+            status = session.scalar(
+                select(PlanVersion.status)
+                .join(PlanVersion.target)
+                .where(PlanTarget.key_hash == target.key_hash, PlanVersion.sha256 == sha256)
+            )
+        if status is None:
+            raise NotFound(f"no plan {sha256[:12]} for {target.describe()}")
+        return status
+
+    def admit(self, ref: str, gate: dict[str, Any], model_name: str | None = None) -> VersionInfo:
+        """Put a ``failed_gate`` version into service: it passed ``gate``, explicit thresholds.
+
+        A gate can admit a plan, never withdraw one (``revoke`` does that): other statuses are
+        returned unchanged.
+        """
+        thresholds = gate.get("min_psnr") is not None or gate.get("min_speedup") is not None
+        if not (gate.get("passed") and thresholds):
+            raise InvalidInput(
+                "only a gate with --min-psnr/--min-speedup that passed admits a plan"
+            )
+        model = self.model(model_name) if model_name is not None else None
+        self.store.check_writable()  # an unreachable store must fail before the commit
+        with self.session() as session:
+            row = self._version_by_ref(session, ref, model, lock=True)
+            changed = row.status == FAILED_GATE
+            if changed:
+                row.status = READY
+                row.lineage = {**row.lineage, "admitted": {"by": _user(), "at": _iso(utcnow()),
+                                                           "gate": gate}}  # fmt: skip
+            info = _version_info(row)
+            source = row.target.source
+        if changed:
+            self.write_indexes(self._models_of(source))
+        return info
 
     def revoke(self, ref: str, model_name: str | None = None) -> dict[str, Any]:
         """Take a plan version out of service for good (idempotent).
@@ -545,20 +609,16 @@ class Registry:
                 "aliases": list(aliases),
                 "target": _target_key(row.target).to_json(),
             }
-            source, revision = row.target.source, row.target.revision
-        self.write_indexes(self._models_of(source, revision))
+            source = row.target.source
+        self.write_indexes(self._models_of(source))
         return result
 
     # ---- index --------------------------------------------------------------------------
-    def _models_of(self, source: str, revision: str | None) -> list[str]:
+    def _models_of(self, source: str) -> list[str]:
+        """The model aliases of a checkpoint source, whose indexes a change to it touches (an
+        index also holds the aliased plans of the source's other revisions)."""
         with self.session() as session:
-            return list(
-                session.scalars(
-                    select(ModelAlias.name).where(
-                        ModelAlias.source == source, _is(ModelAlias.revision, revision)
-                    )
-                )
-            )
+            return list(session.scalars(select(ModelAlias.name).where(ModelAlias.source == source)))
 
     def index_bytes(self, name: str) -> bytes | None:
         """The index document the database gives for model ``name`` (None: no such model)."""
@@ -567,8 +627,12 @@ class Registry:
             if row is None:
                 return None
             model = _model_info(row)
-            entries = self.entries(session, model.source, model.revision)
-            served = [s for e in entries if (s := e.servable()) is not None]  # no revoked
+            entries = self.entries(session, model.source, model.revision, any_revision=True)
+            served = [  # ready versions only; of other revisions only aliased ones (rule 6)
+                s
+                for e in entries
+                if (s := e.servable() if e.key.revision == model.revision else e.aliased())
+            ]
             return encode_index(model, served)
 
     def write_indexes(self, names: list[str]) -> None:
@@ -695,6 +759,32 @@ class Registry:
 
 
 # ---- helpers ----------------------------------------------------------------------------
+def _new_model_info(
+    name: str,
+    source: str,
+    revision: str | None,
+    arch: str | None,
+    given: dict[str, Any],
+    current: ModelInfo | None,
+    update: bool,
+) -> ModelInfo:
+    """The validated alias ``add_model`` writes (see there for what ``update`` keeps)."""
+    if update and current is not None:
+        arch = arch or current.arch
+        kept = {n: getattr(current, n) for n in _MODEL_FIELDS}
+        base = kept if arch == current.arch else arch_defaults(arch)
+        revision = current.revision if revision is None else revision
+    else:
+        arch = arch or guess_arch(source)
+        if arch is None:
+            raise InvalidInput(
+                "cannot tell the architecture from SOURCE: pass --arch dit or --arch flux"
+            )
+        base = arch_defaults(arch)
+    values = check_settings({"source": source, "revision": revision, **base, **given})
+    return ModelInfo(name=name, arch=arch, **values)
+
+
 def _load_for(
     path: Path, model: ModelInfo, resolution: Resolution | None, steps: int | None
 ) -> tuple[CachePlan, dict[str, Any]]:

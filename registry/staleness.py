@@ -10,7 +10,9 @@ revision) is looked at through its latest plan, and is due when any of these hol
 - ``library_changed``: the plan records another major.minor version of diffusers or torch;
 - ``too_old``: the target was last calibrated (its plan published, or a calibration job for
   it succeeded) longer than the policy's maximum age ago;
-- ``marked``: an operator marked the plan with ``mark-stale`` after its last calibration.
+- ``marked``: an operator marked the plan with ``mark-stale`` after its last calibration;
+- ``revoked``: the setup has no ready plan, and its newest plan was revoked (nothing serves
+  it: whatever ``--max-age``).
 
 Plans without a calibration record (imported reference plans) are only checked for
 revision, age and marks. A setup served by several aliases of one checkpoint is listed once.
@@ -28,11 +30,18 @@ from sqlalchemy.orm import Session, selectinload
 
 from .errors import InvalidInput
 from .jobs import _aware, _iso
-from .matching import READY, ModelInfo, TargetKey
+from .matching import READY, REVOKED, ModelInfo, TargetKey
 from .models import CalibrationJob, ModelAlias, PlanTarget, PlanVersion, utcnow
 from .service import _model_info, _target_key, _user
 
-REASONS = ("revision_changed", "calibrator_changed", "library_changed", "too_old", "marked")
+REASONS = (
+    "revision_changed",
+    "calibrator_changed",
+    "library_changed",
+    "too_old",
+    "marked",
+    "revoked",
+)
 TRACKED_LIBRARIES = ("diffusers", "torch")
 _SETUP_FIELDS = tuple(f for f in TargetKey.__dataclass_fields__ if f not in ("source", "revision"))
 
@@ -65,6 +74,8 @@ class PlanState:
     marked_reason: str | None = None
     job_key: str | None = None  # the calibration job that produced the plan
     job_request: dict[str, Any] | None = None
+    status: str = READY  # revoked: the setup's newest plan, when none of its plans is ready
+    revoked: dict[str, Any] | None = None  # {"at", "by"} of a revoked plan
 
     def wanted(self) -> TargetKey:
         """The target a recalibration produces: this setup at the alias's checkpoint."""
@@ -92,6 +103,7 @@ class DuePlan:
                 "created_at": _iso(plan.created_at),
                 "calibrated_at": _iso(plan.calibrated_at),
                 "job_key": plan.job_key,
+                "status": plan.status,
             },
             "reasons": sorted(self.reasons, key=REASONS.index),
             "details": self.reasons,
@@ -110,6 +122,9 @@ def stale_reasons(plan: PlanState, policy: Policy) -> dict[str, Any]:
     if plan.target.revision != plan.model.revision:
         reasons["revision_changed"] = {"plan": plan.target.revision, "model": plan.model.revision}
         return reasons  # a new checkpoint: nothing else about the old plan matters
+    if plan.status == REVOKED:
+        reasons["revoked"] = plan.revoked or {}
+        return reasons  # nothing serves the setup: its age or versions do not matter
     recorded = plan.calibration.get("calibrator_version")
     if recorded is not None and str(recorded) != str(policy.versions.get("calibrator")):
         reasons["calibrator_changed"] = {"plan": recorded, "now": policy.versions.get("calibrator")}
@@ -175,7 +190,7 @@ def plan_states(session: Session) -> list[PlanState]:
         model = _model_info(model_row)
         newest: dict[tuple, PlanState] = {}
         for target in targets:
-            latest = _latest(target)
+            latest = _latest(target) or _newest_revoked(target)
             if target.source != model.source or latest is None:
                 continue
             state = _state(model, target, latest, last_job.get(target.id), jobs)
@@ -193,6 +208,12 @@ def plan_states(session: Session) -> list[PlanState]:
 def _latest(target: PlanTarget) -> PlanVersion | None:
     ready = [v for v in target.versions if v.status == READY]
     return max(ready, key=lambda v: v.version) if ready else None
+
+
+def _newest_revoked(target: PlanTarget) -> PlanVersion | None:
+    """A target without a ready version: its newest revoked one (None when there is none)."""
+    revoked = [v for v in target.versions if v.status == REVOKED]
+    return max(revoked, key=lambda v: v.version) if revoked else None
 
 
 def _state(
@@ -218,6 +239,12 @@ def _state(
         marked_reason=latest.stale_reason,
         job_key=job.job_key if job else calibration.get("job_key"),
         job_request=job.request if job else None,
+        status=latest.status,
+        revoked=(
+            {k: (latest.lineage or {}).get(f"revoked_{k}") for k in ("at", "by")}
+            if latest.status == REVOKED
+            else None
+        ),
     )
 
 

@@ -12,8 +12,14 @@ scheduler call it):
    provisional flags, broadcast for phase 2, likewise.
 4. One worker builds the plan from the stored shards in index order (a budget request:
    the driver runs the budget search, its held-out measurements fanned out over the workers,
-   one plan per task), then validates it on held-out seeds; the plan is published with its metrics, the quality gate decides on
-   promotion, and the job row records the result.
+   one plan per task), then validates it on held-out seeds; the quality gate (``--min-psnr``,
+   ``--min-speedup``) decides how the plan is published: ``ready``, or ``failed_gate``
+   (recorded with its metrics, never served, never promoted); the job row records the result.
+
+A later run of a request that already succeeded re-judges the stored metrics: a gate with
+thresholds that passes puts a ``failed_gate`` plan into service (``Registry.admit``); a gate
+never withdraws a plan. A request whose plan was revoked is not answered with it:
+:class:`PlanRevoked` (exit 3); its target is due for ``recalibrate --due``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,16 @@ from typing import Any
 
 from registry import jobs
 from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
+from registry.matching import FAILED_GATE, READY, REVOKED, TargetKey
 
 from .errors import JobBusy, JobFailed
 from .request import CalibrationRequest, shard_prefix
 
 WAIT_POLL_S = 1.0
+
+
+class PlanRevoked(NotFound):
+    """The plan this request produces was revoked: not a result (exit 3, like any unservable plan)."""
 
 
 @dataclass
@@ -71,6 +82,7 @@ class JobResult:
     metrics: dict[str, Any]
     gate: dict[str, Any]
     promoted: str | None
+    plan_status: str = READY  # ready, failed_gate (never served) or revoked
     phases: dict[str, Any] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 0
@@ -167,8 +179,33 @@ def _result_from_job(job: jobs.JobInfo, created: bool) -> JobResult:
 
 
 def _apply_gate_and_promotion(registry, result: JobResult, options: RunOptions) -> None:
-    result.gate = quality_gate(result.metrics, options.min_psnr, options.min_speedup)
-    if options.promote and result.gate["passed"] and result.sha256:
+    """Judge the plan by this run's gate; admit a ``failed_gate`` plan it passes; promote."""
+    if result.sha256 is None:
+        return
+    gate = quality_gate(result.metrics, options.min_psnr, options.min_speedup)
+    status = (
+        registry.version_status(result.sha256, TargetKey.from_json(result.target))
+        if result.target
+        else registry.show(result.sha256, result.model)["status"]
+    )
+    if status == REVOKED:
+        raise PlanRevoked(
+            f"the plan of job {result.job_key[:12]} ({result.model} v{result.version}, "
+            f"{result.sha256[:12]}) was revoked: the same request gives the same plan, so it is "
+            "not computed again; change the request, or run `invardiff-registry recalibrate "
+            "--due`, which recalibrates its target as a new job"
+        )
+    thresholds = options.min_psnr is not None or options.min_speedup is not None
+    if status == FAILED_GATE and gate["passed"] and thresholds:
+        status = registry.admit(result.sha256, gate, result.model).status
+    elif status == FAILED_GATE and gate["passed"]:
+        again = (
+            "the plan failed its quality gate when it was published (FAILED-GATE, never served): "
+            "give --min-psnr/--min-speedup to judge it again"
+        )
+        gate = {**gate, "passed": False, "reasons": [again]}
+    result.gate, result.plan_status = gate, status
+    if options.promote and gate["passed"]:
         registry.promote(result.sha256, options.promote, model_name=result.model)
         result.promoted = options.promote
 
@@ -414,16 +451,10 @@ class _Run:
         from .report import store_report
 
         registry, request = self.registry, self.request
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{self.key[:16]}.plan.json"
-            path.write_bytes(plan_bytes)
-            published = registry.publish(path, request.model, request.resolution, request.steps)
-        sha256 = published.version.sha256
-        measured = {"validation": validation["metrics"]} if validation else {}
-        measured.update(_flat(validation["metrics"]) if validation else {})
-        target_id, metrics = jobs.add_version_metrics(
-            registry, sha256, published.target.key_hash, measured
+        published, target_id, metrics = publish_under_gate(
+            registry, request, plan_bytes, validation, self.options
         )
+        sha256 = published.version.sha256
         self.say(f"published {request.model} v{published.version.version} {sha256[:12]}"
                  f" ({'new' if published.created else 'same bytes as before'})")  # fmt: skip
         result = JobResult(
@@ -459,6 +490,31 @@ class _Run:
         if self.options.report is not None:
             result.report = _copy_report(registry, self.key, result, self.options.report)
         return result
+
+
+def publish_under_gate(
+    registry,
+    request: CalibrationRequest,
+    plan_bytes: bytes,
+    validation: dict[str, Any] | None,
+    options: RunOptions,
+):
+    """Publish a computed plan with its validation metrics, as ``failed_gate`` when they are
+    below ``options``' gate; return the publish result, the target's id and the metrics."""
+    measured = {"validation": validation["metrics"]} if validation else {}
+    measured.update(_flat(validation["metrics"]) if validation else {})
+    gate = quality_gate(measured, options.min_psnr, options.min_speedup)
+    if options.min_psnr is not None or options.min_speedup is not None:
+        measured["gate"] = gate  # the gate it was published under (``show``)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{request.job_key[:16]}.plan.json"
+        path.write_bytes(plan_bytes)
+        published = registry.publish(path, request.model, request.resolution, request.steps,
+                                     status=READY if gate["passed"] else FAILED_GATE)  # fmt: skip
+    target_id, metrics = jobs.add_version_metrics(
+        registry, published.version.sha256, published.target.key_hash, measured
+    )
+    return published, target_id, metrics
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:

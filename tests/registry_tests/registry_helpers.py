@@ -130,3 +130,46 @@ def snapshot(config) -> dict:
         sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
     )
     return state
+
+
+def calibration_record(**libraries: str) -> dict:
+    from invardiff.calibration import CALIBRATOR_VERSION, CalibrationParams
+    from workers.request import library_versions
+
+    current = library_versions()
+    return {
+        "calibrator_version": CALIBRATOR_VERSION,
+        "params": CalibrationParams.resolve("dit", "fast").to_json(),
+        "trajectories": 2,
+        "libraries": {"torch": current["torch"], "diffusers": current["diffusers"], **libraries},
+    }
+
+
+def digits_plan(tmp_path: Path, guidance: float, **libraries: str) -> Path:
+    """A plan file for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
+    from invardiff import PlanTarget, all_compute_plan
+
+    target = PlanTarget(
+        model_id="digits-dit",
+        pipeline="DiTPipeline",
+        scheduler="DDIMScheduler",
+        steps=50,
+        height=16,
+        width=16,
+        guidance=guidance,
+        dtype="float32",
+    )
+    plan = all_compute_plan(
+        "dit", 50, {"attn": 8, "mlp": 8}, target=target, calibration=calibration_record(**libraries)
+    )
+    return plan.save(tmp_path / f"digits-{guidance}.json")
+
+
+def publish_digits(
+    registry, tmp_path: Path, guidance: float, status: str = "ready", **libraries: str
+):
+    """Publish :func:`digits_plan` for digits-dit (16x16) with ``status``."""
+    from registry.matching import Resolution
+
+    path = digits_plan(tmp_path, guidance, **libraries)
+    return registry.publish(path, "digits-dit", Resolution.parse("16"), status=status)

@@ -21,17 +21,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from registry_helpers import FLUX_PLANS, ROOT, cli_env, make_registry
+from registry_helpers import FLUX_PLANS, ROOT, cli_env, make_registry, publish_digits
 from sqlalchemy import select, update
 
-from invardiff import PlanTarget, all_compute_plan
 from registry import jobs
 from registry.cli import main
 from registry.errors import NOT_FOUND, UNREACHABLE, USAGE, InvalidInput, NotFound
 from registry.matching import ModelInfo, Resolution, TargetKey
 from registry.models import CalibrationJob, PlanVersion
 from registry.staleness import PlanState, Policy, find_due, mark_stale, stale_reasons
-from workers.request import library_versions
 from workers.schedule import current_policy, recalibration_request
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
@@ -93,37 +91,6 @@ def test_rules() -> None:
 
 
 # ---- the query, on SQLite and PostgreSQL ----------------------------------------------------
-def calibration_record(**libraries: str) -> dict:
-    from invardiff.calibration import CALIBRATOR_VERSION, CalibrationParams
-
-    current = library_versions()
-    return {
-        "calibrator_version": CALIBRATOR_VERSION,
-        "params": CalibrationParams.resolve("dit", "fast").to_json(),
-        "trajectories": 2,
-        "libraries": {"torch": current["torch"], "diffusers": current["diffusers"], **libraries},
-    }
-
-
-def publish_digits(registry, tmp_path: Path, guidance: float, **libraries: str):
-    """A plan for the built-in digits-dit with a calibration record (as `calibrate` makes)."""
-    target = PlanTarget(
-        model_id="digits-dit",
-        pipeline="DiTPipeline",
-        scheduler="DDIMScheduler",
-        steps=50,
-        height=16,
-        width=16,
-        guidance=guidance,
-        dtype="float32",
-    )
-    plan = all_compute_plan(
-        "dit", 50, {"attn": 8, "mlp": 8}, target=target, calibration=calibration_record(**libraries)
-    )
-    path = plan.save(tmp_path / f"digits-{guidance}.json")
-    return registry.publish(path, "digits-dit", Resolution.parse("16"))
-
-
 def due_by_model(registry, max_age_days: float | None = None) -> dict[tuple, list[str]]:
     with registry.session() as session:
         due = find_due(session, current_policy(max_age_days))
@@ -296,7 +263,8 @@ while True:
             raise
         time.sleep(0.5)
 found = [
-    {"submission_id": j.submission_id, "entrypoint": j.entrypoint, "metadata": j.metadata or {}}
+    {"submission_id": j.submission_id, "entrypoint": j.entrypoint, "metadata": j.metadata or {},
+     "status": str(getattr(j.status, "value", j.status)), "message": j.message}
     for j in client.list_jobs()
 ]
 for sid in sys.argv[1:]:
@@ -318,9 +286,20 @@ def ray_jobs(env: dict[str, str], *stop: str) -> list[dict]:
     return json.loads(done.stdout)
 
 
+# What a submitted job runs on the head: this tree's CLI, held while the HOLD file exists (so
+# that submissions stay pending for the race below), then run against a database that cannot
+# be reached: a submission that fails before its job starts (the head's bad database URL).
+_SHIM = """#!/bin/sh
+while [ -e "{hold}" ]; do sleep 0.2; done
+exec "{python}" -m registry "$@"
+"""
+HEAD_DATABASE_URL = "postgresql+psycopg://invardiff@127.0.0.1:1/unreachable"
+
+
 @pytest.fixture(scope="module")
 def ray_job_server():
-    """A Ray head (its own process group) with the job server and token auth; a client env."""
+    """A Ray head (its own process group) with the job server and token auth; a client env
+    (with ``HOLD``: the file that holds submitted jobs, see ``_SHIM``)."""
     ports = []
     for _ in range(4):
         with socket.socket() as sock:
@@ -328,7 +307,15 @@ def ray_job_server():
             ports.append(sock.getsockname()[1])
     gcs, dashboard, client, agent = ports
     folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    shim, hold = Path(folder) / "bin", Path(folder) / "hold"
+    shim.mkdir()
+    hold.touch()
+    (shim / "invardiff-registry").write_text(_SHIM.format(hold=hold, python=sys.executable))
+    (shim / "invardiff-registry").chmod(0o755)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
+    head_env = {**os.environ, **env, "PATH": f"{shim}:{os.environ['PATH']}",
+                "PYTHONPATH": str(ROOT), "INVARDIFF_DATABASE_URL": HEAD_DATABASE_URL,
+                "INVARDIFF_STORE_URL": str(Path(folder) / "store")}  # fmt: skip
     command = [
         shutil.which("ray") or "ray",
         "start",
@@ -347,7 +334,7 @@ def ray_job_server():
     ]
     head = subprocess.Popen(
         command,
-        env={**os.environ, **env},
+        env=head_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -355,7 +342,7 @@ def ray_job_server():
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     try:
         assert ray_jobs(env) == []
-        yield env
+        yield {**env, "HOLD": str(hold)}
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -369,12 +356,17 @@ def ray_job_server():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def scheduler_env(config, server: dict[str, str]) -> dict[str, str]:
+    client = {k: v for k, v in server.items() if k != "HOLD"}
+    return {**os.environ, **cli_env(config), **client, "PYTHONPATH": str(ROOT)}
+
+
 def test_two_schedulers_at_once_submit_each_job_once(config, tmp_path, ray_job_server) -> None:
     registry = make_registry(config)
     guidance = 1 + secrets.randbelow(10**6) / 10**6  # new job keys for each database
     publish_digits(registry, tmp_path, guidance, torch="1.13.0")
     publish_digits(registry, tmp_path, guidance + 1, diffusers="0.1.0")
-    env = {**os.environ, **cli_env(config), **ray_job_server, "PYTHONPATH": str(ROOT)}
+    env = scheduler_env(config, ray_job_server)
     command = [sys.executable, "-m", "registry", "recalibrate", "--due", "--json"]
     runs = [
         subprocess.Popen(
@@ -401,3 +393,71 @@ def test_two_schedulers_at_once_submit_each_job_once(config, tmp_path, ray_job_s
     for job in submitted:
         key = job["metadata"]["invardiff_job_key"]
         assert job["entrypoint"].split()[:4] == ["invardiff-registry", "recalibrate", "--job", key]
+
+
+def recalibrate(env: dict[str, str], *args: str) -> tuple[int, dict, str]:
+    """``recalibrate --due --json ARGS`` in a subprocess: exit code, report, stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "registry", "recalibrate", "--due", "--json", *args],
+        check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+_WAIT_SCRIPT = """
+import sys, time
+from ray.job_submission import JobSubmissionClient
+client, deadline = JobSubmissionClient(), time.monotonic() + 150  # RAY_ADDRESS
+while str(client.get_job_status(sys.argv[1])) not in ("FAILED", "SUCCEEDED", "STOPPED"):
+    assert time.monotonic() < deadline, "the job did not end"
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_submission_that_fails_before_its_job_starts_is_failed_and_retried(
+    config, tmp_path, ray_job_server
+) -> None:
+    """Two jobs: one whose Ray job fails before its driver claims it (the head's database is
+    unreachable), one whose submission the job server forgot (a head that lost its jobs)."""
+    registry = make_registry(config)
+    guidance = 1 + secrets.randbelow(10**6) / 10**6  # job keys of their own on this server
+    publish_digits(registry, tmp_path, guidance, torch="1.13.0")
+    publish_digits(registry, tmp_path, guidance + 1, torch="1.13.0")
+    env, hold = scheduler_env(config, ray_job_server), Path(ray_job_server["HOLD"])
+    code, report, err = recalibrate(env)
+    assert code == 0, err
+    assert [e["action"] for e in report["due"]] == ["submitted"] * 2
+    failing, vanished = (e["job_key"] for e in report["due"])
+    first = f"invardiff-{failing}-0"
+    with registry.session() as session:  # the head lost the other one
+        session.execute(
+            update(CalibrationJob)
+            .where(CalibrationJob.job_key == vanished)
+            .values(attempts=5, lineage={"submission": {"id": f"invardiff-{vanished}-5"}})
+        )
+    hold.unlink()  # the held jobs run, and fail at once: the head's database is unreachable
+    try:
+        subprocess.run([sys.executable, "-c", _WAIT_SCRIPT, first], check=True, timeout=180,
+                       env={**os.environ, **ray_job_server})  # fmt: skip
+    finally:
+        hold.touch()
+    job = jobs.get_job(registry, failing)
+    assert (job.status, job.attempts, job.error) == ("pending", 0, None)  # what the issue saw
+    # The dry run and the real run agree: both failed, both are submitted again, exit 1.
+    for args, action in ((["--dry-run"], "would_resubmit"), ([], "resubmitted")):
+        code, report, err = recalibrate(env, *args)
+        assert code == 1 and "2 Ray submission(s) failed before their job started" in err
+        entries = {e["job_key"]: e for e in report["due"]}
+        assert {e["action"] for e in entries.values()} == {action}
+        assert entries[failing]["failed_submission"] == first
+        assert f"Ray job {first} ended FAILED before its job started" in entries[failing]["error"]
+        assert "exit code 5" in entries[failing]["error"]
+        gone = f"Ray job invardiff-{vanished}-5 vanished from the job server"
+        assert entries[vanished]["error"].startswith(gone)
+    assert entries[failing]["submission_id"] == f"invardiff-{failing}-1"
+    assert entries[vanished]["submission_id"] == f"invardiff-{vanished}-6"
+    job = jobs.get_job(registry, failing)
+    assert (job.status, job.attempts) == ("failed", 1) and "ended FAILED" in job.error
+    assert jobs.get_job(registry, vanished).attempts == 6
+    ray_jobs(ray_job_server, f"invardiff-{failing}-1", f"invardiff-{vanished}-6")  # held: stop
