@@ -172,20 +172,21 @@ def test_every_calibrate_input_is_checked_before_any_work(home, tmp_path, free_p
         "--max-consecutive": ["0", "-1", huge],
         "--target-speedup": ["nan", "0", "-2", "1e308"],
     }
-    cases = [([*BASE, flag, value, "--report", str(fresh)], 2)
+    closed = ["--ray-address", f"127.0.0.1:{free_port}"]  # a missed check: exit 5, no compute
+    cases = [([*BASE, flag, value, "--report", str(fresh), *closed], 2)
              for flag, values in numbers.items() for value in values]  # fmt: skip
     settings = ["max_consecutive=-1", 'max_consecutive="abc"', "max_consecutive=abc",
                 "max_consecutive=1e400", "max_consecutive=2.5", "nonskip=NaN",
                 'correct_flux_step_gate="yes"', "flag_index=3", "q_step=[1]"]  # fmt: skip
-    cases += [([*BASE, "--set", setting], 2) for setting in settings]
+    cases += [([*BASE, "--set", setting, *closed], 2) for setting in settings]
     cases += [
-        ([*BASE, "--report", str(a_file)], 2),
-        ([*BASE, "--report", "/proc/x"], 2),
-        ([*BASE, "--report", "/dev/null/x"], 2),
+        ([*BASE, "--report", str(a_file), *closed], 2),
+        ([*BASE, "--report", "/proc/x", *closed], 2),
+        ([*BASE, "--report", "/dev/null/x", *closed], 2),
         ([*BASE, "--ray-address", "http://x:y:z"], 2),
         ([*BASE, "--ray-address", "x:99999"], 2),
         ([*BASE, "--ray-address", "just-a-host"], 2),
-        ([*BASE, "--ray-address", f"127.0.0.1:{free_port}"], 5),
+        ([*BASE, *closed], 5),
     ]
     for args, code in cases:
         result = runner.invoke(main, args)
@@ -194,7 +195,7 @@ def test_every_calibrate_input_is_checked_before_any_work(home, tmp_path, free_p
         assert "unexpected" not in result.stderr, (args, result.stderr)
     for lease in ("inf", "nan", "0", "-1", "1e308"):
         monkeypatch.setenv("INVARDIFF_JOB_LEASE_S", lease)
-        result = runner.invoke(main, BASE)
+        result = runner.invoke(main, [*BASE, *closed])
         assert result.exit_code == 2 and "INVARDIFF_JOB_LEASE_S" in result.stderr, result.stderr
     assert not (tmp_path / "new").exists()  # the report probe leaves nothing
     _no_trace(home)
