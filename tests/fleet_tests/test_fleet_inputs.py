@@ -199,6 +199,10 @@ def test_every_calibrate_input_is_checked_before_any_work(home, tmp_path, free_p
         assert result.exit_code == 2 and "INVARDIFF_JOB_LEASE_S" in result.stderr, result.stderr
     assert not (tmp_path / "new").exists()  # the report probe leaves nothing
     _no_trace(home)
+    monkeypatch.delenv("INVARDIFF_JOB_LEASE_S")
+    monkeypatch.setenv("INVARDIFF_HOME", str(tmp_path / "fresh-home"))
+    result = runner.invoke(main, [*BASE, "--report", "/proc/x", *closed])
+    assert result.exit_code == 2 and not (tmp_path / "fresh-home").exists()  # not even created
 
 
 def test_steps_and_guidance_limits_through_the_python_api():
