@@ -279,13 +279,13 @@ def small_reference(small_request) -> bytes:
     return in_process_plan_bytes(small_request)
 
 
-def test_signalled_and_killed_drivers_in_phase_1_are_resumed_into_one_plan(
-    ray_address, home, small_request, small_reference
+def test_signalled_and_killed_drivers_are_resumed_into_one_plan(
+    ray_address, home, small_request, small_reference, monkeypatch
 ):
     """SIGTERM, kill -9 and SIGINT of the driver in phase 1 (each after its first computed
-    shard but the first): one line and exit 143 / 130, never Ray's C++ stack; the job is
-    failed (signals) or its lease runs out (kill -9); the last rerun publishes once, with the
-    bytes of the in-process calibration."""
+    shard but the first), then kill -9 right after it published: one line and exit 143 / 130,
+    never Ray's C++ stack; the job is failed (signals) or its lease runs out (kill -9); the
+    last rerun publishes once, with the bytes of the in-process calibration."""
     from registry.jobs import get_job
 
     args = [*BASE[:3], "--trajectories", str(TRAJECTORIES), "--workers", "1", "--validate", "0",
@@ -312,11 +312,19 @@ def test_signalled_and_killed_drivers_in_phase_1_are_resumed_into_one_plan(
         assert f"error: interrupted by {name}" in err.strip().splitlines()[-1], err
         assert "***" not in err and "logging.cc" not in err and "Traceback" not in err, err
         assert job.status == "failed" and job.error.startswith("Interrupted"), job
-    before = stored()
+    phase_1 = stored()
+    assert phase_1 >= 2
+    monkeypatch.setenv("INVARDIFF_FAULT", "publish.committed:kill")  # kill -9 once published
+    code, _, err = finish(cli_process(home, *args, lease=2))
+    monkeypatch.delenv("INVARDIFF_FAULT")
+    assert code == -signal.SIGKILL and "published" not in err, err
+    (published,) = registry.versions()
+    assert get_job(registry, small_request.job_key).status == "running"
     code, result, err = finish(cli_process(home, *args, lease=2))
     assert code == 0, err
-    assert result["created"] and result["attempts"] == 4
-    assert result["phases"]["phase-1"]["reused"] == before >= 2
+    assert result["created"] and result["attempts"] == 5
+    assert result["phases"]["phase-1"]["reused"] == result["phases"]["phase-2"]["reused"] == 4
+    assert "same bytes as before" in err and result["sha256"] == published["sha256"]
     assert registry.store.get(blob_key(result["sha256"])) == small_reference
     assert len(registry.versions()) == 1
 
