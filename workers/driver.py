@@ -398,6 +398,7 @@ class _Run:
                 self.say(f"job {self.key[:12]} is running under {claim.job.lease_holder}: waiting")
                 announced = True
             time.sleep(WAIT_POLL_S)
+            check_signals()  # Ctrl-C while waiting on another driver: nothing of ours to fail
 
     def _compute(self, attempts: int) -> JobResult:
         from .pool import WorkerPool, default_worker_count
