@@ -156,7 +156,8 @@ def calibrate(
     the registry's: 8 quality gate failed (published, not promoted), 9 job failed, 10 job
     running elsewhere (--no-wait).
     """
-    from .driver import RunOptions, check_options, submit
+    from .driver import RunOptions, submit
+    from .options import check_options
     from .request import build_request
 
     if promote_alias is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import tempfile
 import threading
@@ -30,21 +29,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from registry import jobs
 from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
-from registry.validation import shown
 
 from .errors import JobBusy, JobFailed
+from .interrupts import check_signals, restore_signals, trap_signals
+from .options import check_options
 from .request import CalibrationRequest, shard_prefix
 
 WAIT_POLL_S = 1.0
-# Limits of the run options, checked before anything starts (docs/fleet.md).
-MAX_WORKERS = 1024
-MAX_WORKER_CPUS = 1024.0
-MAX_LEASE_SECONDS = 86_400.0
-MAX_GATE = 1000.0  # --min-psnr (dB) and --min-speedup (x)
 
 
 @dataclass
@@ -141,123 +135,6 @@ def submit(registry, request: CalibrationRequest, options: RunOptions | None = N
             return _Run(registry, request, options).execute()
     finally:
         restore_signals(previous)
-
-
-class Interrupted(RegistryError):
-    """The driver got SIGINT or SIGTERM: the job is marked failed and a rerun resumes it.
-
-    Exit code 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports.
-    """
-
-    def __init__(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; the job is marked failed, rerun to resume")
-        self.exit_code = 128 + signum
-
-
-_SIGNALLED: list[int] = []  # signals received while a job runs, checked at every tick
-
-
-def _note_signal(signum: int, frame: object) -> None:
-    """Record the signal; the driver's next tick (at most ~2 s) raises :class:`Interrupted`.
-
-    Raising here would surface inside Ray's C++ calls as a SystemError; a second signal
-    does raise at once.
-    """
-    _SIGNALLED.append(signum)
-    if len(_SIGNALLED) > 1:
-        raise Interrupted(signum)
-
-
-def check_signals() -> None:
-    """Raise :class:`Interrupted` if SIGINT or SIGTERM arrived since :func:`trap_signals`."""
-    if _SIGNALLED:
-        raise Interrupted(_SIGNALLED[0])
-
-
-def trap_signals() -> dict[int, Any]:
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` at the driver's ticks (main thread
-    only); return the previous handlers for :func:`restore_signals`."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.signal(s, _note_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-def restore_signals(previous: dict[int, Any]) -> None:
-    """Put back the handlers :func:`trap_signals` replaced and forget received signals."""
-    for signum, handler in previous.items():
-        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    _SIGNALLED.clear()
-
-
-def check_options(options: RunOptions) -> None:
-    """Refuse run options out of their documented range (:class:`InvalidInput`, exit 2).
-
-    Checked before any worker starts: worker count and CPUs, lease, gate thresholds, the
-    Ray address's syntax and the report folder (which must be creatable and writable).
-    """
-    if options.workers is not None:
-        _check_range(options.workers, "--workers", 1, MAX_WORKERS)
-    _check_range(options.cpus_per_worker, "--worker-cpus", 0.01, MAX_WORKER_CPUS)
-    _check_range(options.lease_seconds, "the job lease (INVARDIFF_JOB_LEASE_S)", 0.1,
-                 MAX_LEASE_SECONDS)  # fmt: skip
-    for name, value in (("--min-psnr", options.min_psnr), ("--min-speedup", options.min_speedup)):
-        if value is not None:
-            _check_range(value, name, 0.0, MAX_GATE)
-    check_ray_address(options.ray_address or os.environ.get("RAY_ADDRESS") or None)
-    if options.report is not None:
-        check_report_folder(options.report)
-
-
-def _check_range(value: float, what: str, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidInput(f"{what} must be between {low:g} and {high:g}, got {value!r}")
-
-
-def check_ray_address(address: str | None) -> None:
-    """``auto``, ``local``, ``HOST:PORT`` or ``ray|http|https://HOST[:PORT]`` (port 1..65535)."""
-    if address is None or address in ("auto", "local"):
-        return
-    parsed = urlsplit(address if "://" in address else f"ray://{address}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = -1
-    if (
-        parsed.scheme not in ("ray", "http", "https")
-        or not parsed.hostname
-        or port == -1
-        or ("://" not in address and port is None)
-        or any(c.isspace() or not c.isprintable() for c in address)
-    ):
-        raise InvalidInput(
-            f"--ray-address {shown(address)}: expected auto, HOST:PORT or ray://HOST:PORT"
-        )
-
-
-def check_report_folder(folder: Path) -> None:
-    """A report folder must be a folder (or creatable) where files can be written.
-
-    Checked by creating it and a probe file, both removed again: nothing is left behind.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InvalidInput(f"--report {folder}: exists and is not a folder")
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
-    created: list[Path] = []
-    try:
-        for path in reversed(missing):
-            path.mkdir()
-            created.append(path)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise InvalidInput(
-            f"--report {folder}: cannot write there ({exc.strerror or exc})"
-        ) from None
-    finally:
-        for path in reversed(created):
-            path.rmdir()
 
 
 def _succeeded(registry, job_key: str) -> jobs.JobInfo | None:
