@@ -579,12 +579,24 @@ def index_rebuild(ctx: click.Context, as_json: bool) -> None:
     show_default=True,
     help="Keep unreferenced objects younger than this (seconds): in-flight publishes.",
 )
+@click.option(
+    "--failed-job-age",
+    type=click.IntRange(min=0, max=int(MAX_MIN_AGE.total_seconds())),
+    default=7 * 86400,
+    show_default=True,
+    help="Delete the statistics of calibration jobs that failed longer ago (seconds).",
+)
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @json_option
 @click.pass_context
-def gc(ctx: click.Context, min_age: int, dry_run: bool, as_json: bool) -> None:
-    """Delete stored plan objects that no version references."""
-    result = _registry(ctx).gc(timedelta(seconds=min_age), dry_run)
+def gc(ctx: click.Context, min_age: int, failed_job_age: int, dry_run: bool, as_json: bool) -> None:
+    """Delete stored plan objects that no version references, and old failed jobs' statistics."""
+    result = _registry(ctx).gc(
+        timedelta(seconds=min_age), dry_run, failed_job_age=timedelta(seconds=failed_job_age)
+    )
     verb = "would delete" if dry_run else "deleted"
-    counts = f"{len(result['deleted'])} objects, {len(result['temporaries'])} temporary files"
+    counts = (
+        f"{len(result['deleted'])} objects, {len(result['temporaries'])} temporary files, "
+        f"{len(result['job_objects'])} statistics of {len(result['failed_jobs'])} failed jobs"
+    )
     _emit(as_json, result, f"{verb} {counts} ({result['freed_bytes']} bytes)")

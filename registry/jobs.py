@@ -14,6 +14,7 @@ The fleet (``workers/``) computes; this module only persists (no Ray, no torch).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -24,8 +25,11 @@ from sqlalchemy.orm import Session
 
 from .errors import Conflict, InvalidInput, NotFound
 from .models import JOB_STATUSES, CalibrationJob, PlanTarget, PlanVersion, utcnow
+from .validation import shown
 
 DEFAULT_LEASE_SECONDS = 30.0
+# ``gc`` deletes the stored statistics of jobs that failed longer ago than this.
+DEFAULT_FAILED_JOB_AGE = timedelta(days=7)
 ACQUIRED, SUCCEEDED, BUSY = "acquired", "succeeded", "busy"
 _CLAIM_ATTEMPTS = 10
 
@@ -236,10 +240,12 @@ def fail(registry, job_key: str, holder: str, error: str, timings: dict[str, Any
 
 
 def get_job(registry, ref: str) -> JobInfo:
-    """One job by its key or a unique prefix of at least 6 hex digits."""
+    """One job by its key or a unique prefix of 6 to 64 hex digits."""
     ref = ref.lower()
-    if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
-        raise InvalidInput(f"job reference {ref!r}: give at least 6 hex digits of its job key")
+    if not 6 <= len(ref) <= 64 or any(c not in "0123456789abcdef" for c in ref):
+        raise InvalidInput(
+            f"job reference {shown(ref)}: give at least 6 and at most 64 hex digits of its job key"
+        )
     with registry.session() as session:
         rows = session.scalars(
             select(CalibrationJob).where(CalibrationJob.job_key.startswith(ref)).limit(2)
@@ -249,6 +255,30 @@ def get_job(registry, ref: str) -> JobInfo:
         if len(rows) > 1:
             raise InvalidInput(f"job reference {ref} is ambiguous: give more hex digits")
         return job_info(rows[0])
+
+
+def failed_before(registry, cutoff: datetime) -> list[str]:
+    """Keys of the jobs that failed before ``cutoff`` (their statistics are garbage)."""
+    query = select(CalibrationJob.job_key).where(
+        CalibrationJob.status == "failed", CalibrationJob.finished_at <= cutoff
+    )
+    with registry.session() as session:
+        return sorted(session.scalars(query))
+
+
+def drop_failed_statistics(
+    registry, job_key: str, cutoff: datetime, drop: Callable[[], None]
+) -> bool:
+    """Run ``drop()`` (delete the job's stored statistics) under the job's row lock if the job
+    is still failed since before ``cutoff``: a driver claiming it meanwhile waits, then computes
+    the shards afresh. Returns whether ``drop`` ran."""
+    with registry.session() as session:
+        row = _locked(session, job_key)
+        finished = None if row is None else _aware(row.finished_at)
+        if row is None or row.status != "failed" or finished is None or finished > cutoff:
+            return False
+        drop()
+        return True
 
 
 def list_jobs(registry, status: str | None = None, model: str | None = None) -> list[JobInfo]:

@@ -27,7 +27,7 @@ from invardiff.architectures import ARCHITECTURES
 from invardiff.official import REFERENCE_TARGETS, from_official, is_official
 from invardiff.plan import FORMAT_VERSION
 
-from . import db, leases
+from . import db, jobs, leases
 from .config import Config
 from .errors import (
     Conflict,
@@ -54,7 +54,16 @@ from .matching import (
     resolve,
 )
 from .models import CalibrationJob, ModelAlias, PlanAlias, PlanTarget, PlanVersion, utcnow
-from .store import BlobRef, MissingObject, ObjectStore, blob_ref, get_blob, open_store, put_blob
+from .store import (
+    BlobRef,
+    MissingObject,
+    ObjectInfo,
+    ObjectStore,
+    blob_ref,
+    get_blob,
+    open_store,
+    put_blob,
+)
 from .validation import (
     check_min_age,
     check_name,
@@ -715,14 +724,22 @@ class Registry:
             "failures": failures,
         }
 
-    def gc(self, min_age: timedelta, dry_run: bool = False) -> dict[str, Any]:
+    def gc(
+        self,
+        min_age: timedelta,
+        dry_run: bool = False,
+        failed_job_age: timedelta = jobs.DEFAULT_FAILED_JOB_AGE,
+    ) -> dict[str, Any]:
         """Delete plan objects no version references, once older than ``min_age``.
 
         An object a publish holds a lease on is kept (see :mod:`registry.leases`), and each
         one is checked again, under its own lease, right before it is deleted. Temporary
-        files of killed writers (local stores) older than ``min_age`` are removed too.
+        files of killed writers (local stores) older than ``min_age`` are removed too, and
+        the statistics (``jobs/<key>/``) of calibration jobs that failed more than
+        ``failed_job_age`` ago (the job rows stay; a rerun computes them afresh).
         """
         check_min_age(min_age)
+        check_min_age(failed_job_age, "--failed-job-age")
         if not dry_run:
             leases.drop_expired(self.session)
         with self.session() as session:
@@ -734,13 +751,37 @@ class Registry:
         if not dry_run:
             orphans = [o for o in orphans if self._delete_orphan(o.key)]
         temporaries = self.store.remove_temporaries(cutoff, dry_run)
+        failed, statistics = self._gc_failed_jobs(failed_job_age, dry_run)
         return {
             "dry_run": dry_run,
             "deleted": [o.key for o in orphans],
             "temporaries": [t.key for t in temporaries],
-            "freed_bytes": sum(o.size for o in [*orphans, *temporaries]),
+            "failed_jobs": failed,
+            "job_objects": [o.key for o in statistics],
+            "freed_bytes": sum(o.size for o in [*orphans, *temporaries, *statistics]),
             "referenced": len(referenced),
         }
+
+    def _gc_failed_jobs(self, age: timedelta, dry_run: bool) -> tuple[list[str], list[ObjectInfo]]:
+        """The statistics of jobs failed more than ``age`` ago, deleted unless ``dry_run``."""
+        cutoff = datetime.now(timezone.utc) - age
+        dropped: list[str] = []
+        objects: list[ObjectInfo] = []
+        for key in jobs.failed_before(self, cutoff):
+            found = list(self.store.list(f"jobs/{key}/"))
+            if not found:
+                continue
+            if not dry_run and not jobs.drop_failed_statistics(
+                self, key, cutoff, lambda found=found: self._delete_all(found)
+            ):
+                continue
+            dropped.append(key)
+            objects.extend(found)
+        return dropped, objects
+
+    def _delete_all(self, objects: list[ObjectInfo]) -> None:
+        for info in objects:
+            self.store.delete(info.key)
 
     def _delete_orphan(self, key: str) -> bool:
         """Delete ``key`` under a gc lease when nothing references or leases it."""

@@ -8,8 +8,9 @@ or S3 code): the fetch path imports it.
 Limits (documented in docs/registry.md):
 
 - names (model aliases, version aliases): ``[a-z0-9][a-z0-9._-]{0,63}``, the whole string;
-- text fields: non-empty, no control characters (NUL, newline, ...), at most :data:`TEXT_LIMITS`
-  characters (the database column sizes);
+- text fields: non-empty, no control or invisible formatting characters (NUL, newline, the
+  bidi overrides such as U+202E, zero-width characters: Unicode categories Cc, Cf, Cs, Zl,
+  Zp), at most :data:`TEXT_LIMITS` characters (the database column sizes);
 - steps 1..:data:`MAX_STEPS`, resolution sides 1..:data:`MAX_SIDE`, finite guidance;
 - plan files: regular files of at most :data:`MAX_PLAN_BYTES`, JSON nested at most
   :data:`MAX_JSON_DEPTH` deep, finite numbers only.
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import stat
+import unicodedata
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,10 @@ TEXT_LIMITS = {
     "dtype": 16,
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# Unicode categories refused in text fields: controls (C0, C1), formatting characters (the
+# bidi overrides and isolates U+202A-U+202E, U+2066-U+2069, zero-width ones), surrogates,
+# line and paragraph separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", re.ASCII)
 
 
@@ -67,9 +73,10 @@ def check_text(value: Any, what: str, limit: int | None = None) -> str:
         raise InvalidInput(f"{what} must not be empty")
     if len(value) > limit:
         raise InvalidInput(f"{what} is {len(value)} characters long; at most {limit} are allowed")
-    if _CONTROL.search(value):
+    if any(unicodedata.category(c) in _INVISIBLE for c in value):
         raise InvalidInput(
-            f"{what} {shown(value)} contains a control character (NUL, newline, ...)"
+            f"{what} {shown(value)} contains a control character or an invisible formatting character "
+            "(NUL, newline, a right-to-left override, ...)"
         )
     return value
 
@@ -144,42 +151,50 @@ def check_plan_ref(ref: Any) -> str:
     return text
 
 
-def check_min_age(min_age: timedelta) -> timedelta:
+def check_min_age(min_age: timedelta, what: str = "--min-age") -> timedelta:
     """A gc age guard between 0 and :data:`MAX_MIN_AGE`."""
     if not isinstance(min_age, timedelta) or not timedelta(0) <= min_age <= MAX_MIN_AGE:
         limit = int(MAX_MIN_AGE.total_seconds())
-        raise InvalidInput(f"--min-age must be between 0 and {limit} seconds, got {min_age}")
+        raise InvalidInput(f"{what} must be between 0 and {limit} seconds, got {min_age}")
     return min_age
 
 
-# ---- plan files ---------------------------------------------------------------------------
+# ---- plan files and other input files ----------------------------------------------------
 def read_plan_file(path: Path, limit: int = MAX_PLAN_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes.
+    """The bytes of a plan file: a regular file of at most ``limit`` bytes (see
+    :func:`read_regular_file`)."""
+    return read_regular_file(path, limit, "plan")
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (``what`` names it in errors).
 
     Opened without blocking (a FIFO would wait for a writer) and never read past the limit,
     so ``/dev/zero``, a FIFO or a huge file is refused at once.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InvalidInput(f"cannot read {what} {path}: it does not exist") from None
     except OSError as exc:
-        raise InvalidInput(f"cannot read plan {path}: {exc.strerror or exc}") from None
+        raise InvalidInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput(f"plan {path} is not a regular file")
+            raise InvalidInput(f"{what} {path} is not a regular file")
         if info.st_size > limit:
-            raise InvalidInput(f"plan {path} is {info.st_size} bytes; the limit is {limit} bytes")
+            raise InvalidInput(f"{what} {path} is {info.st_size} bytes; the limit is {limit} bytes")
         chunks, size = [], 0
         while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
             chunks.append(chunk)
             size += len(chunk)
         data = b"".join(chunks)
     except OSError as exc:
-        raise InvalidInput(f"cannot read plan {path}: {exc.strerror or exc}") from None
+        raise InvalidInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise InvalidInput(f"plan {path} is over the limit of {limit} bytes")
+        raise InvalidInput(f"{what} {path} is over the limit of {limit} bytes")
     return data
 
 

@@ -157,17 +157,9 @@ def calibrate(
     running elsewhere (--no-wait).
     """
     from .driver import RunOptions, submit
+    from .options import check_options
     from .request import build_request
 
-    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
-    overrides = {k: v for k, v in params.items() if v is not None}
-    overrides.update(_parse_settings(settings))
-    registry = _embedded_or_configured(ctx)
-    request = build_request(
-        registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
-        params=overrides, trajectories=trajectories, prompts_file=prompts_file,
-        validate=validate, repeats=repeats, budget=budget,
-    )  # fmt: skip
     if promote_alias is not None:
         from registry.matching import check_name
 
@@ -176,6 +168,16 @@ def calibrate(
         workers=workers, ray_address=ray_address, cpus_per_worker=worker_cpus,
         lease_seconds=_lease_seconds(), wait=not no_wait, min_psnr=min_psnr,
         min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
+    )  # fmt: skip
+    check_options(options)  # before the registry is opened (or created): nothing written
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
+    overrides = {k: v for k, v in params.items() if v is not None}
+    overrides.update(_parse_settings(settings))
+    registry = _embedded_or_configured(ctx)
+    request = build_request(
+        registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
+        params=overrides, trajectories=trajectories, prompts_file=prompts_file,
+        validate=validate, repeats=repeats, budget=budget,
     )  # fmt: skip
     result = submit(registry, request, options).to_json()
     _emit(as_json, result, _describe(result))

@@ -41,6 +41,8 @@ from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
 from registry.matching import FAILED_GATE, READY, REVOKED, TargetKey
 
 from .errors import JobBusy, JobFailed
+from .interrupts import check_signals, restore_signals, trap_signals
+from .options import check_options
 from .request import CalibrationRequest, shard_prefix
 
 WAIT_POLL_S = 1.0
@@ -129,17 +131,22 @@ def submit(registry, request: CalibrationRequest, options: RunOptions | None = N
     from .pool import ray_session
 
     options = options or RunOptions()
+    check_options(options)
     if (
         options.min_psnr is not None or options.min_speedup is not None
     ) and not request.validation.get("calls"):
         raise InvalidInput("--min-psnr/--min-speedup need validation samples (--validate N > 0)")
-    if options.workers is not None and options.workers < 1:
-        raise InvalidInput("--workers must be at least 1")
     done = _succeeded(registry, request.job_key)
     if done is not None:
         return _finish_existing(registry, done, options)
-    with ray_session(options.ray_address, options.workers):
-        return _Run(registry, request, options).execute()
+    previous = trap_signals()
+    try:
+        with ray_session(options.ray_address, options.workers):
+            trap_signals()  # again: starting Ray installs its own (aborting) SIGTERM handler
+            check_signals()
+            return _Run(registry, request, options).execute()
+    finally:
+        restore_signals(previous)
 
 
 def _succeeded(registry, job_key: str) -> jobs.JobInfo | None:
@@ -246,6 +253,8 @@ class _Heartbeat:
                 continue  # a database hiccup: try again before the lease runs out
 
     def check(self) -> None:
+        """Raise a lost lease (:class:`Conflict`) or a received signal (:class:`Interrupted`)."""
+        check_signals()
         if self.lost is not None:
             raise self.lost
 
@@ -303,6 +312,7 @@ class _Run:
                 self.say(f"job {self.key[:12]} is running under {claim.job.lease_holder}: waiting")
                 announced = True
             time.sleep(WAIT_POLL_S)
+            check_signals()  # Ctrl-C while waiting on another driver: nothing of ours to fail
 
     def _compute(self, attempts: int) -> JobResult:
         from .pool import WorkerPool, default_worker_count

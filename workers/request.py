@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from registry.errors import InvalidInput
 from registry.matching import ModelInfo, Resolution, canonical
+from registry.validation import MAX_STEPS, check_number, read_regular_file, shown
 
 from .pipelines import builtin_name, check_resolution, is_class_conditional
 
 CALIBRATION_SEED = 1000  # calibration call i uses seed CALIBRATION_SEED + i
 VALIDATION_SEED = 900_000  # held-out: validation sample i uses VALIDATION_SEED + i
 MAX_TRAJECTORIES = 4096
+MIN_STEPS = 3  # the change scores compare three consecutive steps
+MAX_REPEATS = 100
+# Prompt files (--prompts): regular UTF-8 text files within these limits.
+MAX_PROMPT_FILE_BYTES = 1024 * 1024
+MAX_PROMPT_CHARS = 2000
+MAX_PROMPTS = MAX_TRAJECTORIES
 DEFAULT_PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "a red fox in fresh snow, golden hour",
@@ -37,7 +45,9 @@ DEFAULT_PROMPTS = (
 # ImageNet classes for DiT checkpoints (those of the DiT paper's sample grid).
 IMAGENET_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
 DIGIT_LABELS = tuple(range(10))
+_PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 _UNKEYED = ("model", "validation")
+_UNSET_UNKEYED = ("refresh", "prompts")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class CalibrationRequest:
     calls: list[dict[str, Any]]
     prompts_sha256: str | None
     versions: dict[str, str]
+    # The prompt set, stored once: in ``to_json`` each call names its prompt by index here.
+    prompts: list[str] | None = None
     validation: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y}
     # A scheduled refresh of an unchanged setup (age, an operator's mark): "<plan sha256>@<time
@@ -67,11 +79,12 @@ class CalibrationRequest:
     @property
     def job_key(self) -> str:
         """sha256 of the canonical request (without the alias name and validation; without
-        ``refresh`` when unset, so that requests from before the field keep their keys)."""
+        ``refresh`` and ``prompts`` when unset, so that requests from before these fields keep
+        their keys)."""
         keyed = {
             k: v
             for k, v in self.to_json().items()
-            if k not in _UNKEYED and not (k == "refresh" and v is None)
+            if k not in _UNKEYED and not (k in _UNSET_UNKEYED and v is None)
         }
         return hashlib.sha256(canonical(keyed)).hexdigest()
 
@@ -84,11 +97,44 @@ class CalibrationRequest:
         return f"{shard_prefix(self.job_key, phase)}{index}"
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(canonical(asdict(self)))
+        """Canonical JSON; with a prompt set, calls carry ``prompt_index`` instead of the text."""
+        data = json.loads(canonical(asdict(self)))
+        if self.prompts is not None:
+            index = {prompt: i for i, prompt in enumerate(self.prompts)}
+            data["calls"] = [_indexed(call, index) for call in data["calls"]]
+            if data["validation"].get("calls"):
+                data["validation"]["calls"] = [
+                    _indexed(call, index) for call in data["validation"]["calls"]
+                ]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CalibrationRequest:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        """The request of :meth:`to_json` (calls get their prompt text back)."""
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        prompts = values.get("prompts")
+        if prompts is not None:
+            values["calls"] = [_expanded(call, prompts) for call in values["calls"]]
+            validation = dict(values.get("validation") or {})
+            if validation.get("calls"):
+                validation["calls"] = [_expanded(call, prompts) for call in validation["calls"]]
+            values["validation"] = validation
+        return cls(**values)
+
+
+def _indexed(call: dict[str, Any], index: dict[str, int]) -> dict[str, Any]:
+    """``call`` naming its prompt by its index in the prompt set (text kept if not in it)."""
+    if call.get("prompt") not in index:
+        return call
+    rest = {k: v for k, v in call.items() if k != "prompt"}
+    return {**rest, "prompt_index": index[call["prompt"]]}
+
+
+def _expanded(call: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
+    if "prompt_index" not in call:
+        return call
+    rest = {k: v for k, v in call.items() if k != "prompt_index"}
+    return {**rest, "prompt": prompts[call["prompt_index"]]}
 
 
 def shard_prefix(job_key: str, phase: int) -> str:
@@ -113,14 +159,33 @@ def library_versions() -> dict[str, str]:
 
 
 def read_prompts(path: Path) -> tuple[list[str], str]:
-    """Non-empty lines of a prompt file and the sha256 of the prompt set."""
+    """Non-empty lines of a prompt file and the sha256 of the prompt set.
+
+    The file must be a regular UTF-8 text file of at most :data:`MAX_PROMPT_FILE_BYTES`
+    bytes (read without blocking and never past the limit), with at most
+    :data:`MAX_PROMPTS` prompts of at most :data:`MAX_PROMPT_CHARS` characters and no
+    control characters but tabs; anything else is :class:`InvalidInput`.
+    """
+    data = read_regular_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidInput(f"prompt file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"cannot read prompt file {path}: {exc}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"prompt file {path} is not UTF-8 text") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if _PROMPT_CONTROL.search(prompt):
+            raise InvalidInput(f"prompt file {path} line {number}: a control character (binary?)")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInput(
+                f"prompt file {path} line {number} has {len(prompt)} characters; "
+                f"the limit is {MAX_PROMPT_CHARS}"
+            )
+        prompts.append(prompt)
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidInput(f"prompt file {path} has over {MAX_PROMPTS} prompts")
     if not prompts:
         raise InvalidInput(f"prompt file {path} has no prompts")
     return prompts, prompt_set_sha256(prompts)
@@ -169,10 +234,9 @@ def build_request(
     """
     from invardiff.calibration import CalibrationParams
 
-    if not 1 <= trajectories <= MAX_TRAJECTORIES:
-        raise InvalidInput(f"--trajectories must be within 1..{MAX_TRAJECTORIES}")
-    if validate < 0 or repeats < 1:
-        raise InvalidInput("--validate must be >= 0 and the repeats >= 1")
+    _check_count(trajectories, "--trajectories", 1, MAX_TRAJECTORIES)
+    _check_count(validate, "--validate", 0, MAX_TRAJECTORIES)
+    _check_count(repeats, "--repeats", 1, MAX_REPEATS)
     if resolution is None:
         if model.width is None or model.height is None:
             raise InvalidInput(f"model {model.name} has no default resolution: give one")
@@ -181,14 +245,25 @@ def build_request(
     steps = steps or model.steps
     if not steps:
         raise InvalidInput(f"model {model.name} has no default step count: pass --steps")
+    _check_count(steps, "--steps", MIN_STEPS, MAX_STEPS)
     guidance = guidance if guidance is not None else _default_guidance(model)
+    if guidance is not None:
+        guidance = check_number(guidance, "--guidance")
+        if guidance < 0:
+            raise InvalidInput(f"--guidance must be at least 0, got {guidance:g}")
+    check_params(params or {})
     try:
         resolved = CalibrationParams.resolve(model.arch, preset, **(params or {}))
     except (ValueError, TypeError) as exc:
         raise InvalidInput(str(exc)) from None
     budget = check_budget(budget, preset, params or {})
+    if budget and budget.get("target_speedup", 0.0) > steps / 2:  # only 2 of the steps computed
+        raise InvalidInput(
+            f"--target-speedup {budget['target_speedup']:g} is unreachable: at most "
+            f"{steps / 2:g}x with {steps} steps"
+        )
     text = not is_class_conditional(model)
-    prompts_sha256 = None
+    prompts_sha256, prompt_set = None, None
     if text:
         prompts, prompts_sha256 = (
             read_prompts(prompts_file)
@@ -196,6 +271,7 @@ def build_request(
             else (list(DEFAULT_PROMPTS), prompt_set_sha256(DEFAULT_PROMPTS))
         )
         conditions: list[Any] = prompts
+        prompt_set = prompts
     else:
         if prompts_file is not None:
             raise InvalidInput(f"model {model.name} is class-conditional: --prompts does not apply")
@@ -224,7 +300,32 @@ def build_request(
         versions=library_versions(),
         validation={"calls": held_out, "repeats": repeats},
         budget=budget,
+        prompts=prompt_set,
     )
+
+
+def _check_count(value: Any, what: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{what} must be an integer within {low}..{high}, got {shown(value)}")
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Refuse calibration parameters of the wrong type or range before any work.
+
+    The engine's :meth:`CalibrationParams.validate` checks the quantile ranges; this adds
+    the types (``--set`` values are JSON): finite numbers for ``q_*`` and ``nonskip``, a
+    boolean ``correct_flux_step_gate``, a string ``flag_index``, and ``max_consecutive``
+    null or an integer within 1..``MAX_STEPS``.
+    """
+    for key, value in params.items():
+        if key.startswith("q_") or key == "nonskip":
+            check_number(value, key)
+        elif key == "correct_flux_step_gate" and not isinstance(value, bool):
+            raise InvalidInput(f"{key} must be true or false, got {shown(value)}")
+        elif key == "flag_index" and not isinstance(value, str):
+            raise InvalidInput(f"{key} must be a string, got {shown(value)}")
+        elif key == "max_consecutive" and value is not None:
+            _check_count(value, key, 1, MAX_STEPS)
 
 
 def check_budget(

@@ -8,13 +8,23 @@ from __future__ import annotations
 import click
 
 from registry.cli import FINITE, _emit, _log, _registry, json_option
+from registry.validation import MAX_MIN_AGE
+
+MAX_AGE_DAYS = MAX_MIN_AGE.days
+
+
+def _check_max_age(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= MAX_AGE_DAYS:
+        raise click.BadParameter(f"{value:g} is not within 0..{MAX_AGE_DAYS} days", ctx, param)
+    return value
 
 
 @click.command()
 @click.option("--due", is_flag=True, help="Find the stale plans and submit their calibrations.")
 @click.option(
     "--max-age",
-    type=click.FloatRange(min=0),
+    type=FINITE,
+    callback=_check_max_age,
     metavar="DAYS",
     help="Also recalibrate targets last calibrated longer ago than this.",
 )

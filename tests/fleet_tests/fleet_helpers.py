@@ -65,3 +65,21 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, dict |
     """Exit code, parsed JSON stdout (if any) and the rest of stderr."""
     out, err = process.communicate(timeout=timeout)
     return process.returncode, json.loads(out) if out.strip() else None, err
+
+
+def in_process_plan_bytes(request) -> bytes:
+    """The plan bytes of a digits-flux ``request`` calibrated in this process, without Ray."""
+    from dataclasses import replace
+
+    import torch
+
+    from invardiff import calibrate
+    from invardiff.models import load_builtin
+
+    torch.set_num_threads(1)  # as in the actors; more threads than free cores crawl here
+    pipe = load_builtin("digits-flux")
+    pipe.set_progress_bar_config(disable=True)
+    plan = calibrate(pipe, request.calls, "fast", model_id=request.source)
+    target = replace(plan.target, height=16, width=16)
+    calibration = {**plan.calibration, "job_key": request.job_key, "prompts_sha256": None}
+    return replace(plan, target=target, calibration=calibration).to_bytes()

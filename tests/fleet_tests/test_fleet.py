@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fleet_helpers import cli_process, finish, open_registry, wait_for_line
+from fleet_helpers import cli_process, finish, in_process_plan_bytes, open_registry, wait_for_line
 
 from registry.cli import main
 from registry.service import BUILTIN_MODELS
@@ -36,19 +36,7 @@ def request_():
 @pytest.fixture(scope="module")
 def reference(request_) -> bytes:
     """The plan bytes of the request calibrated in this process, without Ray."""
-    import torch
-
-    from invardiff import calibrate
-
-    torch.set_num_threads(1)  # as in the actors; more threads than free cores crawl here
-    from invardiff.models import load_builtin
-
-    pipe = load_builtin("digits-flux")
-    pipe.set_progress_bar_config(disable=True)
-    plan = calibrate(pipe, request_.calls, "fast", model_id=FLUX.source)
-    target = replace(plan.target, height=16, width=16)
-    calibration = {**plan.calibration, "job_key": request_.job_key, "prompts_sha256": None}
-    return replace(plan, target=target, calibration=calibration).to_bytes()
+    return in_process_plan_bytes(request_)
 
 
 def _shards(registry, job_key: str, phase: int) -> int:

@@ -68,6 +68,7 @@ def test_hf_snapshot_with_a_prompt_file_and_clear_errors(
     expected = hashlib.sha256(b'["a red apple","a blue car"]').hexdigest()
     shown = json.loads(runner.invoke(main, ["jobs", "show", data["job_key"], "--json"]).stdout)
     assert shown["request"]["prompts_sha256"] == expected
-    assert [c["prompt"] for c in shown["request"]["calls"]] == ["a red apple", "a blue car"]
+    assert shown["request"]["prompts"] == ["a red apple", "a blue car"]  # once, not per call
+    assert [c["prompt_index"] for c in shown["request"]["calls"]] == [0, 1]
     version = json.loads(runner.invoke(main, ["show", data["sha256"], "--json"]).stdout)
     assert version["lineage"]["calibration"]["prompts_sha256"] == expected

@@ -281,6 +281,12 @@ BAD = [
     (["fetch", "flux-dev", "\uff11\uff10\uff12\uff14"], "malformed resolution"),
     (["fetch", "flux-dev", "1024x\uff15\uff11\uff12"], "malformed resolution"),
     (["fetch", "flux-dev", "9" * 5000], "malformed resolution"),
+    # issue 19 item 6: bidi overrides and other invisible characters in text fields
+    (["models", "add", "m1", "hf://o/x", "--arch", "dit", "--pipeline", "A\u202eB"], "right-to"),
+    (["models", "add", "m1", "hf://o/x", "--arch", "dit", "--revision", "abc\u200b"], "invisible"),
+    (["models", "add", "m1", "hf://org/x\u2066", "--arch", "dit"], "invisible"),
+    (["models", "add", "m1", "hf://o/x", "--arch", "dit", "--scheduler", "S\x85"], "control"),
+    (["fetch", "flux-dev", "1024", "--pipeline", "\u202dFluxPipeline"], "right-to-left"),
 ]
 
 
@@ -319,6 +325,8 @@ def test_python_callers_are_validated_too(config, tmp_path):
         lambda: registry.gc(timedelta(days=10**6)),
         lambda: registry.promote("ab" * 40, "production"),
         lambda: Query(model="flux-dev", resolution=R1024, pipeline="a\x00b"),
+        lambda: Query(model="flux-dev", resolution=R1024, pipeline="Flux\u202ePipeline"),
+        lambda: registry.add_model("m1", "hf://org/x", None, "dit", {"pipeline": "a\u2067b"}),
         lambda: Query(model="flux-dev", resolution=Resolution(10**9, 1)),
         lambda: Query(model="flux-dev", resolution=R1024, steps=10**12),
         lambda: Config(database_url=None, store_url="s3://UPPER/x", cache_dir=tmp_path),
