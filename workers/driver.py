@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
 
 from .errors import JobBusy, JobFailed
 from .request import CalibrationRequest, shard_prefix
+from .shards import DamagedShard
+from .shards import check as check_shard
 
 WAIT_POLL_S = 1.0
 
@@ -43,9 +46,10 @@ WAIT_POLL_S = 1.0
 class RunOptions:
     """How to run a request (none of this changes the result's bytes)."""
 
-    workers: int | None = None  # default: one per GPU, else per cpus_per_worker CPUs
+    workers: int | None = None  # default: as many as the cluster holds (workers.pool.plan_workers)
     ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray for this call
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # default: INVARDIFF_WORKER_GPUS, else 1 if GPUs exist
     lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS
     wait: bool = True  # wait on a job another driver is running
     min_psnr: float | None = None
@@ -75,6 +79,8 @@ class JobResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 0
     worker_restarts: int = 0
+    workers_lost: list[dict[str, Any]] = field(default_factory=list)
+    worker_plan: dict[str, Any] | None = None
     report: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -126,8 +132,8 @@ def submit(registry, request: CalibrationRequest, options: RunOptions | None = N
     done = _succeeded(registry, request.job_key)
     if done is not None:
         return _finish_existing(registry, done, options)
-    with ray_session(options.ray_address, options.workers):
-        return _Run(registry, request, options).execute()
+    with ray_session(options.ray_address) as local:
+        return _Run(registry, request, options, local).execute()
 
 
 def _succeeded(registry, job_key: str) -> jobs.JobInfo | None:
@@ -216,10 +222,13 @@ class _Heartbeat:
 class _Run:
     """One driver's attempt at one job."""
 
-    def __init__(self, registry, request: CalibrationRequest, options: RunOptions) -> None:
-        self.registry, self.request, self.options = registry, request, options
+    def __init__(
+        self, registry, request: CalibrationRequest, options: RunOptions, local: bool = False
+    ) -> None:
+        self.registry, self.request, self.options, self.local = registry, request, options, local
         self.key = request.job_key
-        self.say = options.progress or (lambda message: None)
+        progress = options.progress or (lambda message: None)
+        self.say = lambda message: progress(f"{_now()} {message}")
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.phases: dict[str, Any] = {}
 
@@ -232,6 +241,7 @@ class _Run:
             f"job {self.key[:12]}: {request.model} {request.resolution}, {request.steps} steps, "
             f"{len(request.calls)} trajectories; attempt {claim.job.attempts} by {self.holder}"
         )
+        jobs.record(self.registry, self.key, "attempt", f"by {self.holder}")
         started = time.perf_counter()
         try:
             with _Heartbeat(
@@ -243,9 +253,9 @@ class _Run:
             raise  # the lease was taken over: the other driver's outcome stands
         except BaseException as exc:
             self.phases["total_s"] = round(time.perf_counter() - started, 3)
-            jobs.fail(
-                self.registry, self.key, self.holder, f"{type(exc).__name__}: {exc}", self.phases
-            )
+            error = f"{type(exc).__name__}: {exc}"
+            jobs.fail(self.registry, self.key, self.holder, error, self.phases)
+            jobs.record(self.registry, self.key, "error", error)
             if isinstance(exc, RegistryError):
                 raise
             if isinstance(exc, Exception):
@@ -268,17 +278,19 @@ class _Run:
             time.sleep(WAIT_POLL_S)
 
     def _compute(self, attempts: int) -> JobResult:
-        from .pool import WorkerPool, default_worker_count
+        from .pool import WorkerPool, plan_workers
 
         registry, request, options = self.registry, self.request, self.options
         config_store = registry.store.url
-        count = min(
-            options.workers or default_worker_count(options.cpus_per_worker), len(request.calls)
-        )
+        plan = plan_workers(options.workers, len(request.calls), options.cpus_per_worker,
+                            options.gpus_per_worker, self.local)  # fmt: skip
+        self.worker_plan = plan.to_json()
+        each = f"{plan.gpus:g} GPU" if plan.gpus > 0 else f"{plan.cpus:g} CPU"
+        self.say(f"workers: {plan.count}, {each} each ({plan.reason})")
         started = time.perf_counter()
         pool = WorkerPool(
-            request.to_json(), self.key, config_store, _s3_endpoint(registry), count,
-            options.cpus_per_worker, self.say,
+            request.to_json(), self.key, config_store, _s3_endpoint(registry), plan, self.say,
+            on_event=lambda event, detail: jobs.record(registry, self.key, event, detail),
         )  # fmt: skip
         try:
             self.pool = pool
@@ -295,7 +307,7 @@ class _Run:
                 )
             validation = self._validate(plan_bytes)
             workers = pool.workers()
-            self.restarts = pool.restarts
+            self.restarts, self.lost = pool.restarts, pool.lost
         finally:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)
@@ -349,7 +361,8 @@ class _Run:
         request, store = self.request, self.registry.store
         total = len(request.calls)
         prefix = shard_prefix(self.key, phase)
-        stored = {int(o.key.rsplit("/", 1)[1]) for o in store.list(prefix)}
+        listed = {int(o.key.rsplit("/", 1)[1]) for o in store.list(prefix)}
+        stored = {i for i in listed if i < total and self._intact(phase, i)}
         missing = [i for i in range(total) if i not in stored]
         if self.options.shuffle is not None:
             random.Random(self.options.shuffle + phase).shuffle(missing)
@@ -360,8 +373,12 @@ class _Run:
         def done(result: dict[str, Any]) -> None:
             counts["computed" if result["computed"] else "reused"] += 1
             finished = counts["computed"] + counts["reused"]
-            self.beat.progress[f"phase-{phase}"] = {**counts, "done": finished}
-            self.say(f"phase {phase}: {finished}/{total} trajectories")
+            eta = _eta(time.perf_counter() - started, finished - total + len(missing),
+                       total - finished)  # fmt: skip
+            self.beat.progress[f"phase-{phase}"] = {
+                **counts, "done": finished, "eta_s": eta, "updated_at": _now(),
+            }  # fmt: skip
+            self.say(f"phase {phase}: {finished}/{total} trajectories" + _eta_text(eta))
             if self.options.on_shard is not None:
                 self.options.on_shard(phase, result)
 
@@ -374,7 +391,30 @@ class _Run:
             **counts,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        return [store.get(request.shard_key(phase, i)) for i in range(total)]
+        shards = [store.get(request.shard_key(phase, i)) for i in range(total)]
+        for index, data in enumerate(shards):
+            try:
+                check_shard(data, self.key, phase, index)
+            except DamagedShard as exc:
+                raise JobFailed(
+                    f"shard {request.shard_key(phase, index)} is damaged after computing it: {exc}"
+                ) from None
+        return shards
+
+    def _intact(self, phase: int, index: int) -> bool:
+        """Whether stored shard ``index`` is intact; a damaged one is named, deleted (so that
+        it is computed again) and recorded in the job's history."""
+        key = self.request.shard_key(phase, index)
+        try:
+            check_shard(self.registry.store.get(key), self.key, phase, index)
+            return True
+        except NotFound:
+            return False
+        except DamagedShard as exc:
+            self.say(f"shard {key} is damaged ({exc}): computing it again")
+            jobs.record(self.registry, self.key, "damaged_shard", f"{key}: {exc}")
+            self.registry.store.delete(key)
+            return False
 
     def _provisional(self, phase1: list[bytes]):
         import ray
@@ -441,6 +481,8 @@ class _Run:
             workers=workers,
             attempts=attempts,
             worker_restarts=self.restarts,
+            workers_lost=self.lost,
+            worker_plan=self.worker_plan,
         )
         store_report(registry.store, self.key, plan_bytes, validation, result.to_json())
         stored = {
@@ -455,10 +497,27 @@ class _Run:
             dict(self.beat.progress),
             target_id,
         )
+        jobs.record(registry, self.key, "succeeded", f"v{result.version} {sha256[:12]}")
         _apply_gate_and_promotion(registry, result, self.options)
         if self.options.report is not None:
             result.report = _copy_report(registry, self.key, result, self.options.report)
         return result
+
+
+def _now() -> str:
+    """The UTC time of a progress line (seconds)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _eta(elapsed: float, computed: int, remaining: int) -> float | None:
+    """Seconds left at the rate of the shards computed so far in this phase (None: no rate)."""
+    if remaining <= 0:
+        return 0.0
+    return round(elapsed / computed * remaining, 1) if computed > 0 else None
+
+
+def _eta_text(eta: float | None) -> str:
+    return "" if eta is None else f", ETA {eta:.0f} s"
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
