@@ -35,6 +35,7 @@ from registry import jobs
 from registry.errors import Conflict, InvalidInput, NotFound, RegistryError
 
 from .errors import JobBusy, JobFailed
+from .pipelines import check_checkpoint
 from .request import CalibrationRequest, shard_prefix
 from .shards import DamagedShard
 from .shards import check as check_shard
@@ -132,6 +133,7 @@ def submit(registry, request: CalibrationRequest, options: RunOptions | None = N
     done = _succeeded(registry, request.job_key)
     if done is not None:
         return _finish_existing(registry, done, options)
+    check_checkpoint(request.source, request.revision)  # loadable, before any worker starts
     with ray_session(options.ray_address) as local:
         return _Run(registry, request, options, local).execute()
 

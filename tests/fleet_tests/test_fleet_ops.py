@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from fleet_helpers import cli_process, finish, open_registry, wait_for_line
 
@@ -152,3 +155,74 @@ def test_workers_1000_on_a_local_ray_are_capped_at_its_cpus(home):
     assert result["worker_plan"]["count"] == cpus and result["worker_plan"]["requested"] == 1000
     assert f"asked 1000, capped at {cpus}" in err and "local Ray" in err
     assert 1 <= len(result["workers"]) <= cpus
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory) -> dict[str, Path]:
+    """Both digits models as ``save_pretrained`` writes them."""
+    from invardiff.models import load_builtin
+
+    folders = {}
+    for name in ("digits-flux", "digits-dit"):
+        folders[name] = tmp_path_factory.mktemp(name)
+        load_builtin(name).save_pretrained(folders[name])
+    return folders
+
+
+def test_a_saved_digits_pipeline_loads_from_its_folder(saved_folders):
+    import numpy as np
+    import torch
+
+    from invardiff.models import load_builtin
+    from workers.pipelines import check_checkpoint, load_pipeline
+
+    for name, folder in saved_folders.items():
+        check_checkpoint(str(folder), None)
+        loaded = load_pipeline(str(folder), None, None, "cpu")
+        builtin = load_builtin(name)
+        builtin.set_progress_bar_config(disable=True)
+        assert type(loaded) is type(builtin)
+        images = [
+            pipe(class_labels=[3], num_inference_steps=4, output_type="np",
+                 generator=torch.Generator().manual_seed(5)).images
+            for pipe in (loaded, builtin)
+        ]  # fmt: skip
+        assert np.array_equal(*images), name
+
+
+def _broken(folder: Path, tmp_path: Path, how: str) -> Path:
+    copy = tmp_path / how
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    if how == "no-weights":
+        (copy / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    elif how == "unknown-pipeline":
+        index["_class_name"] = "NoSuchPipeline"
+    elif how == "unknown-component":
+        index["class_embeddings"] = ["invardiff.models.digits", "NoSuchModule"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
+
+
+def test_an_unloadable_folder_is_refused_before_any_worker_starts(home, tmp_path, saved_folders):
+    runner = CliRunner()
+    expected = {
+        "no-weights": "component 'transformer' has no weights",
+        "unknown-pipeline": "pipeline class 'NoSuchPipeline' is neither",
+        "unknown-component": "invardiff.models.digits.NoSuchModule cannot be imported",
+    }
+    for how, message in expected.items():
+        folder = _broken(saved_folders["digits-flux"], tmp_path, how)
+        added = runner.invoke(main, ["models", "add", how, str(folder), "--arch", "flux",
+                                     "--pipeline", "DigitsFluxPipeline", "--resolution", "16",
+                                     "--steps", "8"])  # fmt: skip
+        assert added.exit_code == 0, added.stderr
+        result = runner.invoke(main, ["calibrate", how, "16", *QUICK, "--json"])
+        assert result.exit_code == 2, (how, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert json.loads(result.stdout) == {"error": result.stderr.split("error: ", 1)[1].strip(),
+                                             "exit_code": 2}  # fmt: skip
+    registry = open_registry(home)
+    from registry.jobs import list_jobs
+
+    assert list_jobs(registry) == [] and list(registry.store.list("jobs/")) == []
