@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fleet_helpers import cli_process, finish, open_registry, wait_for_line
+from fleet_helpers import RAY_ENV, ROOT, cli_process, finish, open_registry, wait_for_line
 
 from registry.cli import main
 from registry.jobs import history
@@ -143,18 +143,36 @@ def test_worker_counts_follow_what_the_cluster_can_offer(ray_address, monkeypatc
     assert plan_workers(None, 5, 1.0, gpus_per_worker=1).count == 5  # nothing known: 1/call
 
 
-def test_workers_1000_on_a_local_ray_are_capped_at_its_cpus(home):
-    """``--workers 1000`` on a local Ray started for the command: no more workers than CPUs,
-    and it says so on stderr and in the result."""
+LOCAL_SESSION = """
+import json
+from workers.pool import plan_workers, ray_session
+with ray_session(None) as local:  # stdout is stderr in there: Ray's output goes there
+    plan = plan_workers(1000, 64, 1.0, local=local)
+    data = {"local": local, **plan.to_json()}
+print(json.dumps(data))
+"""
+
+
+def test_workers_1000_on_a_local_ray_are_capped_at_its_cpus():
+    """A local Ray started for a command declares the machine's CPUs (not ``--workers``), and
+    ``--workers 1000`` is capped at them, saying why (the driver prints the reason on stderr
+    and records the plan in the result's ``worker_plan``)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", LOCAL_SESSION], check=False, env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
     cpus = os.cpu_count() or 1
-    process = cli_process(home, "calibrate", "digits-flux", "16", "--trajectories",
-                          str(cpus + 2), "--steps", "8", "--validate", "0",
-                          "--workers", "1000", "--json")  # fmt: skip
-    code, result, err = finish(process)
-    assert code == 0, err
-    assert result["worker_plan"]["count"] == cpus and result["worker_plan"]["requested"] == 1000
-    assert f"asked 1000, capped at {cpus}" in err and "local Ray" in err
-    assert 1 <= len(result["workers"]) <= cpus
+    assert data["local"], done.stderr
+    assert data["count"] == data["cap"] == cpus and data["requested"] == 1000
+    assert (
+        data["reason"]
+        == f"asked 1000, capped at {cpus}: the CPUs of this local Ray hold {cpus} worker(s)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +244,18 @@ def test_an_unloadable_folder_is_refused_before_any_worker_starts(home, tmp_path
     from registry.jobs import list_jobs
 
     assert list_jobs(registry) == [] and list(registry.store.list("jobs/")) == []
+
+
+def test_jobs_list_shows_a_running_jobs_progress_and_eta(home):
+    from registry.jobs import claim, heartbeat
+
+    registry = open_registry(home)
+    key = "cd" * 32
+    claim(registry, key, "digits-flux", {}, "host:1:x", lease_seconds=60)
+    progress = {"phase-1": {"total": 8, "computed": 8, "reused": 0, "done": 8, "eta_s": 0.0},
+                "phase-2": {"total": 8, "computed": 3, "reused": 0, "done": 3, "eta_s": 12.4,
+                            "updated_at": "2026-12-03T03:30:00Z"}}  # fmt: skip
+    heartbeat(registry, key, "host:1:x", progress, 60)
+    listed = CliRunner().invoke(main, ["jobs", "list"])
+    assert listed.exit_code == 0, listed.stderr
+    assert "phase-2 3/8, ETA 12 s at 2026-12-03T03:30:00Z" in listed.stdout
