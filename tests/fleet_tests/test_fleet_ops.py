@@ -46,7 +46,9 @@ def test_damaged_shards_are_named_and_recomputed_after_a_reset(ray_address, home
     reset = runner.invoke(main, ["jobs", "reset", request.job_key[:12], "--json"])
     assert reset.exit_code == 0, reset.stderr
     assert json.loads(reset.stdout)["status"] == "pending"
-    again = runner.invoke(main, ["calibrate", "digits-flux", "16", *QUICK, "--json"])
+    again = runner.invoke(
+        main, ["calibrate", "digits-flux", "16", *QUICK, "--workers", "1", "--json"]
+    )
     assert again.exit_code == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["created"] and result["sha256"] == first.sha256
