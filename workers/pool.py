@@ -141,15 +141,19 @@ def stdout_to_stderr():
     descriptor 1; both are pointed at stderr, so that ``--json`` output stays parseable.
     """
     sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no file descriptor 1 or 2 (a daemon): nothing to protect there
+        saved = None
     try:
         with redirect_stdout(sys.stderr):
             yield
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 @contextmanager
