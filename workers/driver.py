@@ -309,7 +309,7 @@ class _Run:
                 )
             validation = self._validate(plan_bytes)
             workers = pool.workers()
-            self.restarts, self.lost = pool.restarts, pool.lost
+            self.restarts, self.lost = pool.restarts, pool.settle_lost()
         finally:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)

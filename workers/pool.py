@@ -230,14 +230,16 @@ class WorkerPool:
         self.reprobe_at: dict[int, float] = {}
         self._ray = ray
 
+    def _dead_nodes(self) -> set[str]:
+        return {n["NodeID"] for n in self._ray.nodes() if not n["Alive"]}
+
     def _lose(self, actor) -> None:
         """A worker died mid-task: no longer listed as used; recorded with its node's fate."""
         index = self.actors.index(actor)
         info = self.info.pop(index, None)
         if info is None:
             return
-        alive = {n["NodeID"]: n["Alive"] for n in self._ray.nodes()}
-        node_lost = not alive.get(info["node"], False)
+        node_lost = info["node"] in self._dead_nodes()
         self.lost.append({**info, "node_lost": node_lost})
         what = f"node {info['node'][:8]} lost" if node_lost else "worker lost"
         detail = f"worker {index + 1} (pid {info['pid']} on {info['host']})"
@@ -342,6 +344,16 @@ class WorkerPool:
 
         self.map([0], submit, results.append, tick)
         return results[0]
+
+    def settle_lost(self) -> list[dict[str, Any]]:
+        """The lost workers, each node's fate looked up again: Ray's GCS marks a node dead
+        some seconds after it goes (its health checks), often after its workers' tasks failed."""
+        dead = self._dead_nodes() if any(not w["node_lost"] for w in self.lost) else set()
+        for worker in self.lost:
+            if not worker["node_lost"] and worker["node"] in dead:
+                worker["node_lost"] = True
+                self.on_event("node_lost", f"node {worker['node'][:8]} of pid {worker['pid']}")
+        return self.lost
 
     def workers(self) -> list[dict[str, Any]]:
         return [self.info[i] for i in sorted(self.info)]
