@@ -129,6 +129,7 @@ def test_failure_under_json_prints_an_error_object(ray_address, home, monkeypatc
     data = json.loads(result.stdout)
     assert data["exit_code"] == JobFailed.exit_code
     assert "no worker became ready in 3 s" in data["error"]
+    assert "workers: 2, 1 GPU each" in result.stderr  # asked although the cluster has none
 
 
 def test_worker_counts_follow_what_the_cluster_can_offer(ray_address, monkeypatch):
