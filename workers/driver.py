@@ -18,6 +18,7 @@ scheduler call it):
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -372,11 +373,14 @@ class _Run:
         self.say(f"phase {phase}: {counts['reused']}/{total} trajectories already stored")
         started = time.perf_counter()
 
+        times: list[float] = []  # seconds of each shard computed in this phase
+
         def done(result: dict[str, Any]) -> None:
             counts["computed" if result["computed"] else "reused"] += 1
             finished = counts["computed"] + counts["reused"]
-            eta = _eta(time.perf_counter() - started, finished - total + len(missing),
-                       total - finished)  # fmt: skip
+            if result["computed"]:
+                times.append(result["seconds"])
+            eta = _eta(times, total - finished, len(self.pool.info))
             self.beat.progress[f"phase-{phase}"] = {
                 **counts, "done": finished, "eta_s": eta, "updated_at": _now(),
             }  # fmt: skip
@@ -511,11 +515,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _eta(elapsed: float, computed: int, remaining: int) -> float | None:
-    """Seconds left at the rate of the shards computed so far in this phase (None: no rate)."""
+def _eta(times: list[float], remaining: int, workers: int) -> float | None:
+    """Seconds left in a phase: the remaining shards at the mean shard time so far, spread
+    over the ready workers (None before a first shard was computed)."""
     if remaining <= 0:
         return 0.0
-    return round(elapsed / computed * remaining, 1) if computed > 0 else None
+    if not times:
+        return None
+    return round(sum(times) / len(times) * math.ceil(remaining / max(1, workers)), 1)
 
 
 def _eta_text(eta: float | None) -> str:

@@ -79,25 +79,28 @@ LINE = 14  # pixels per line of text (PIL's default font)
 LABEL_WIDTH = 64
 
 
+def _fixed(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
 def figures(result: dict[str, Any]) -> list[str]:
     """The header lines of a report image: model, version, plan, measured figures."""
     metrics = result.get("metrics") or {}
     lines = [
         f"{result.get('model')} v{result.get('version')}  plan {str(result.get('sha256'))[:12]}"
     ]
-    summary = f"ideal speed-up {metrics.get('ideal_speedup', '-')}x"
-    if "measured_speedup" in metrics:
-        psnr = metrics.get("psnr_db")
-        summary = (
-            f"speed-up {metrics['measured_speedup']}x measured ({metrics.get('ideal_speedup')}x "
-            f"ideal), PSNR {'inf' if psnr is None else psnr} dB, SSIM {metrics.get('ssim', '-')}"
-        )
-        held = metrics.get("validation") or {}
-        lines.append(summary)
-        lines.append(f"{held.get('samples', '?')} held-out samples on {held.get('device', '?')}")
-    else:
-        lines.append(summary)
-    return lines
+    ideal = _fixed(metrics.get("ideal_speedup"), 2)
+    if "measured_speedup" not in metrics:
+        return [*lines, f"ideal speed-up {ideal}x"]
+    psnr = metrics.get("psnr_db")
+    held = metrics.get("validation") or {}
+    measured = f"speed-up {_fixed(metrics['measured_speedup'], 2)}x measured ({ideal}x ideal)"
+    psnr_text = "inf" if psnr is None else _fixed(psnr, 1)
+    return [
+        *lines,
+        f"{measured}, PSNR {psnr_text} dB, SSIM {_fixed(metrics.get('ssim'), 4)}",
+        f"{held.get('samples', '?')} held-out samples on {held.get('device', '?')}",
+    ]
 
 
 def with_header(

@@ -79,7 +79,7 @@ def test_validation_figure_has_a_title_row_labels_and_the_figures() -> None:
     assert (image[:header] < 128).any() and (image[header:, :LABEL_WIDTH] < 128).any()
     lines = figures(RESULT)
     assert lines[0].startswith("digits-flux v3") and "2.54x measured" in lines[1]
-    assert "PSNR 51.2 dB" in lines[1] and "4 held-out samples" in lines[2]
+    assert "2.80x ideal" in lines[1] and "PSNR 51.2 dB" in lines[1] and "4 held-out samples" in lines[2]
     other = validation_figure(full, cached, {**RESULT, "version": 4})
     assert not np.array_equal(image[:header], other[:header])  # the figures are drawn
     assert np.array_equal(image[header:], other[header:])
@@ -94,4 +94,4 @@ def test_plan_png_is_headed_with_the_model_version_and_figures() -> None:
     assert np.array_equal(image[top:, : heatmap.shape[1]], heatmap)
     assert (image[:top] < 128).any()
     assert figures({"model": "m", "version": 1, "sha256": "c" * 64,
-                    "metrics": {"ideal_speedup": 2.0}})[1] == "ideal speed-up 2.0x"  # fmt: skip
+                    "metrics": {"ideal_speedup": 2.0}})[1] == "ideal speed-up 2.00x"  # fmt: skip
