@@ -312,3 +312,52 @@ def add_version_metrics(
             raise NotFound(f"no plan version {sha256[:12]} for target {target_key_hash[:12]}")
         row.metrics = {**metrics, **(row.metrics or {})}
         return row.target_id, dict(row.metrics)
+
+
+MAX_HISTORY = 500  # events kept per job (the oldest go first)
+
+
+def record(registry, job_key: str, event: str, detail: str = "", **extra: Any) -> None:
+    """Append an event (attempt, worker or node lost, damaged shard, error, reset, ...) with
+    its UTC timestamp to the job's history (kept in the row's ``lineage``)."""
+    with registry.session() as session:
+        row = _locked(session, job_key)
+        if row is None:
+            return
+        entry = {"at": _iso(utcnow()), "event": event, "attempt": row.attempts, **extra}
+        if detail:
+            entry["detail"] = detail[:2000]
+        events = [*(row.lineage or {}).get("history", []), entry][-MAX_HISTORY:]
+        row.lineage = {**(row.lineage or {}), "history": events}
+
+
+def history(registry, job_key: str) -> list[dict[str, Any]]:
+    """The job's events, oldest first (see :func:`record`)."""
+    with registry.session() as session:
+        row = session.scalar(select(CalibrationJob).where(CalibrationJob.job_key == job_key))
+        return list(((row.lineage or {}) if row is not None else {}).get("history", []))
+
+
+def reset(registry, ref: str) -> JobInfo:
+    """Put job ``ref`` (a key or prefix) back to ``pending`` so that the next ``calibrate`` of
+    its request computes it again: its error, lease, progress and result are cleared, its
+    attempts and history kept. A job running under a live lease is refused (:class:`Conflict`).
+    """
+    job_key = get_job(registry, ref).job_key
+    with registry.session() as session:
+        row = _locked(session, job_key)
+        assert row is not None
+        if row.status == "running" and not lease_expired(row, utcnow()):
+            raise Conflict(
+                f"job {job_key[:12]} is running under {row.lease_holder}'s live lease: "
+                "stop that driver or wait for its lease to expire"
+            )
+        entry = {"at": _iso(utcnow()), "event": "reset", "attempt": row.attempts,
+                 "detail": f"was {row.status}"}  # fmt: skip
+        events = [*(row.lineage or {}).get("history", []), entry][-MAX_HISTORY:]
+        row.lineage = {**(row.lineage or {}), "history": events}
+        row.status = "pending"
+        row.error = row.result = row.lease_holder = row.lease_expires_at = None
+        row.progress, row.finished_at = {}, None
+        session.flush()
+        return job_info(row)

@@ -36,6 +36,7 @@ TEMPLATE_VALUES = {
     "MODEL": "digits-flux",
     "RESOLUTION": "16",
     "TRAJECTORIES": "8",
+    "MIN_PSNR": "30",
 }
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
 
@@ -168,6 +169,8 @@ def test_the_expected_kinds_are_there() -> None:
         "PersistentVolumeClaim",
         "RayCluster",
         "RayJob",
+        "Role",
+        "RoleBinding",
         "Secret",
         "ServiceAccount",
     ):
@@ -208,6 +211,97 @@ def test_cronjob_recalibrates_against_the_cluster_without_overlap() -> None:
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     token = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert token == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+
+
+def cluster_specs() -> dict[str, dict[str, Any]]:
+    """Every Ray cluster spec: the long-lived RayCluster's and the RayJob template's."""
+    return {
+        "RayCluster": the("RayCluster")["spec"],
+        "RayJob": the("RayJob")["spec"]["rayClusterSpec"],
+    }
+
+
+def _allowed(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+        and verb in rule.get("verbs", [])
+        for rule in rules
+    )  # fmt: skip
+
+
+def _mounts_token(pod: dict[str, Any]) -> bool:
+    """Whether a pod gets its service account's API token (the pod's setting wins)."""
+    if "automountServiceAccountToken" in pod:
+        return pod["automountServiceAccountToken"]
+    accounts = {
+        d["metadata"]["name"]: d for _, d in all_documents() if d["kind"] == "ServiceAccount"
+    }
+    return accounts[pod.get("serviceAccountName", "default")].get(
+        "automountServiceAccountToken", True
+    )
+
+
+# What Ray's KubeRay autoscaler calls (ray/autoscaler/_private/kuberay/node_provider.py and
+# autoscaler/v2/.../kuberay/cloud_provider.py): GET/PATCH rayclusters/<name>, GET pods/<head>,
+# LIST pods?labelSelector=...
+AUTOSCALER_CALLS = [("", "pods", "get"), ("", "pods", "list"), ("ray.io", "rayclusters", "get"),
+                    ("ray.io", "rayclusters", "patch")]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["RayCluster", "RayJob"])
+def test_the_autoscaler_has_a_token_and_the_permissions_it_uses(which: str) -> None:
+    spec = cluster_specs()[which]
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]["template"]["spec"]
+    assert _mounts_token(head), "the head's autoscaler sidecar gets no Kubernetes API token"
+    account = head["serviceAccountName"]
+    roles = {d["metadata"]["name"]: d for _, d in all_documents() if d["kind"] == "Role"}
+    granted = [
+        rule
+        for _, binding in all_documents()
+        if binding["kind"] == "RoleBinding"
+        and {"kind": "ServiceAccount", "name": account} in binding["subjects"]
+        and binding["roleRef"]["kind"] == "Role"
+        for rule in roles[binding["roleRef"]["name"]]["rules"]
+    ]
+    missing = [call for call in AUTOSCALER_CALLS if not _allowed(granted, *call)]
+    assert not missing, f"{account} may not {missing}"
+    for group in spec["workerGroupSpecs"]:  # no other pod needs the API
+        assert not _mounts_token(group["template"]["spec"])
+
+
+@pytest.mark.parametrize("which", ["RayCluster", "RayJob"])
+def test_the_workers_ask_for_what_the_gpu_group_offers(which: str) -> None:
+    """The drivers on the head ask for GPUs even when no GPU node runs yet (the autoscaler
+    adds them on demand); each actor's request fits one pod of the GPU group, and the worker
+    cap the head declares is what the group can ever offer."""
+    from workers.pool import GPUS_ENV, MAX_WORKERS_ENV, START_TIMEOUT_ENV, worker_resources
+
+    spec = cluster_specs()[which]
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in head.get("env", [])}
+    gpus = float(env[GPUS_ENV])
+    assert gpus > 0, "the cluster's GPU workers start from zero: drivers must ask for GPUs"
+    asked = worker_resources(gpus, 1.0)
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # actors never on the head
+    offered = 0
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        pod_gpus = float(group["rayStartParams"].get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        pod_cpus = float(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+        if pod_gpus >= asked["num_gpus"] and pod_cpus >= asked["num_cpus"]:
+            offered += group["maxReplicas"] * int(pod_gpus // asked["num_gpus"])
+    assert offered > 0, f"no worker group offers {asked}"
+    assert int(env[MAX_WORKERS_ENV]) == offered
+    assert float(env[START_TIMEOUT_ENV]) >= 600  # room for a GPU node to come up
+
+
+def test_the_rayjob_promotes_only_through_the_quality_gate() -> None:
+    context = parse_command_line(shlex.split(the("RayJob")["spec"]["entrypoint"]))
+    assert context.params["promote_alias"] == "production"
+    assert context.params["min_psnr"] == float(TEMPLATE_VALUES["MIN_PSNR"])
+    assert context.params["validate"] > 0
 
 
 def _find(node: Any, key: str) -> list[Any]:
@@ -293,6 +387,8 @@ BROKEN = {
     "CronJob schedule not a string": ("CronJob", "spec.schedule", 3),
     "Secret value not a string": ("Secret", "stringData.AWS_DEFAULT_REGION", 1),
     "ServiceAccount unknown field": ("ServiceAccount", "automountToken", False),
+    "Role verbs not a list": ("Role", "rules.0.verbs", "get"),
+    "RoleBinding without its role": ("RoleBinding", "roleRef", DELETE),
 }
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any
 
 from registry.errors import NotFound
@@ -21,6 +23,7 @@ from registry.store import open_store
 
 from .pipelines import load_pipeline
 from .request import CalibrationRequest, library_versions
+from .shards import seal
 
 # A restarted actor reloads the pipeline; the driver re-queues the shard it was running.
 MAX_RESTARTS = 4
@@ -130,16 +133,19 @@ class CalibrationWorker:
 
         key = self.request.shard_key(phase, index)
         if self._stored(key):
+            _log(f"shard phase-{phase}/{index}: already stored, skipped")
             return {"index": index, "computed": False, "seconds": 0.0, "pid": os.getpid()}
+        _log(f"shard phase-{phase}/{index}: start")
         started = time.perf_counter()
         flags = decode_flags(provisional) if provisional is not None else None
         call = self.request.calls[index]
         stats = trajectory_stats(
             self.transformer, self.runner, call, index, self.request.steps, self.params, flags
         )
-        data = stats.to_bytes()
+        data = seal(stats.to_bytes(), self.request.job_key, phase, index)
         self.store.put_new(key, data, hashlib.sha256(data).hexdigest())
         seconds = time.perf_counter() - started
+        _log(f"shard phase-{phase}/{index}: end, {seconds:.2f} s, {len(data)} bytes stored")
         return {"index": index, "computed": True, "seconds": seconds, "pid": os.getpid()}
 
     def build(self, phase1: list[bytes], phase2: list[bytes]) -> bytes:
@@ -236,6 +242,12 @@ class CalibrationWorker:
         return {"metrics": result, "full": full, "cached": fast}
 
 
+def _log(message: str) -> None:
+    """A line in this worker's log (Ray keeps a worker's stderr in its session's logs)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    print(f"{stamp} invardiff worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -245,9 +257,8 @@ def _node_id() -> str:
         return "local"
 
 
-def remote_worker(gpus: bool, cpus: float):
-    """The Ray actor class: one accelerator each (``num_gpus=1``) or ``cpus`` CPUs."""
+def remote_worker(resources: dict[str, float]):
+    """The Ray actor class asking for ``resources`` (``workers.pool.worker_resources``)."""
     import ray
 
-    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": cpus}
     return ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, **resources)(CalibrationWorker)

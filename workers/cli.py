@@ -7,7 +7,9 @@ here at module level.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,39 @@ def _lease_seconds() -> float:
     if not value > 0:
         raise InvalidInput(f"{LEASE_ENV}={text!r}: expected a number of seconds > 0")
     return value
+
+
+def _json_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """With ``--json``, a failure also prints ``{"error", "exit_code"}`` on stdout (a failed
+    quality gate has printed its result already), so that the output always parses."""
+
+    @functools.wraps(command)
+    def run(ctx: click.Context, *args: Any, **kwargs: Any) -> None:
+        try:
+            command(ctx, *args, **kwargs)
+        except QualityGateFailed:
+            raise
+        except Exception as exc:
+            if kwargs.get("as_json"):
+                _emit(True, _error_object(ctx, exc))
+            raise
+
+    return run
+
+
+def _error_object(ctx: click.Context, exc: Exception) -> dict[str, Any]:
+    """``{"error": message, "exit_code": N}`` of a failed ``calibrate --json`` (credentials
+    masked, as on stderr)."""
+    from registry.errors import GENERIC, RegistryError
+    from registry.validation import mask_secrets, url_secrets
+
+    urls = [ctx.obj.get("database_url"), os.environ.get("INVARDIFF_DATABASE_URL"),
+            os.environ.get("INVARDIFF_S3_ENDPOINT_URL")]  # fmt: skip
+    secrets = [secret for url in urls for secret in url_secrets(url)]
+    secrets += [v for v in (os.environ.get("AWS_SECRET_ACCESS_KEY"),) if v]
+    code = exc.exit_code if isinstance(exc, RegistryError) else GENERIC
+    message = str(exc) if isinstance(exc, RegistryError) else f"unexpected {type(exc).__name__}"
+    return {"error": mask_secrets(" ".join(message.split()), secrets), "exit_code": code}
 
 
 @click.command()
@@ -127,6 +162,7 @@ def _lease_seconds() -> float:
 )
 @json_option
 @click.pass_context
+@_json_errors
 def calibrate(
     ctx: click.Context,
     model: str,
@@ -251,10 +287,24 @@ def jobs_list(
     rows = [j.to_json(with_request=False) for j in list_jobs(_registry(ctx), status, model_name)]
     lines = [
         f"{r['job_key'][:12]}  {r['status']:<9} {r['model']:<16} attempts {r['attempts']}  "
-        f"v{(r['result'] or {}).get('version', '-')}  {r['created_at']}"
+        f"v{(r['result'] or {}).get('version', '-')}  {r['created_at']}{_progress_text(r)}"
         for r in rows
     ]
     _emit(as_json, rows, "\n".join(lines) or "no jobs")
+
+
+def _progress_text(job: dict[str, Any]) -> str:
+    """``  phase-2 3/8, ETA 12 s at <time>`` for a running job's latest phase; else empty."""
+    if job["status"] != "running":
+        return ""
+    phases = [(k, v) for k, v in (job.get("progress") or {}).items() if isinstance(v, dict)]
+    if not phases:
+        return "  starting"
+    name, state = phases[-1]
+    text = f"  {name} {state.get('done', 0)}/{state.get('total', '?')}"
+    if state.get("eta_s") is not None:
+        text += f", ETA {state['eta_s']:.0f} s"
+    return text + (f" at {state['updated_at']}" if state.get("updated_at") else "")
 
 
 @jobs.command("show")
@@ -262,10 +312,42 @@ def jobs_list(
 @json_option
 @click.pass_context
 def jobs_show(ctx: click.Context, job: str, as_json: bool) -> None:
-    """Show job JOB (its key or a prefix of at least 6 hex digits)."""
+    """Show job JOB (its key or a prefix of at least 6 hex digits), with its history:
+    attempts, lost workers and nodes, damaged shards and errors, with their times."""
     import json
 
-    from registry.jobs import get_job
+    from registry.jobs import get_job, history
 
-    data = get_job(_registry(ctx), job).to_json()
-    _emit(as_json, data, "\n".join(f"{k}: {json.dumps(v, default=str)}" for k, v in data.items()))
+    registry = _registry(ctx)
+    data = get_job(registry, job).to_json()
+    data["history"] = history(registry, data["job_key"])
+    lines = [f"{k}: {json.dumps(v, default=str)}" for k, v in data.items() if k != "history"]
+    lines.append("history:")
+    lines += [
+        f"  {e['at']}  attempt {e['attempt']}  {e['event']}"
+        + (f": {e['detail']}" if e.get("detail") else "")
+        for e in data["history"]
+    ]
+    _emit(as_json, data, "\n".join(lines))
+
+
+@jobs.command("reset")
+@click.argument("job")
+@click.option("--drop-shards", is_flag=True, help="Also delete the job's stored statistics.")
+@json_option
+@click.pass_context
+def jobs_reset(ctx: click.Context, job: str, drop_shards: bool, as_json: bool) -> None:
+    """Put job JOB back to pending: the next calibrate of its request computes it again
+    (from its stored shards, which are checked, unless --drop-shards). Refused while a
+    driver holds the job's live lease (exit 7)."""
+    from registry.jobs import reset
+
+    registry = _registry(ctx)
+    info = reset(registry, job)
+    dropped = 0
+    if drop_shards:
+        for item in list(registry.store.list(f"jobs/{info.job_key}/phase-")):
+            registry.store.delete(item.key)
+            dropped += 1
+    data = {"job_key": info.job_key, "status": info.status, "shards_deleted": dropped}
+    _emit(as_json, data, f"job {info.job_key[:12]} reset to pending ({dropped} shard(s) deleted)")

@@ -24,6 +24,7 @@ never withdraws a plan. A request whose plan was revoked is not answered with it
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -33,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ from registry.matching import FAILED_GATE, READY, REVOKED, TargetKey
 from .errors import JobBusy, JobFailed
 from .interrupts import check_signals, restore_signals, trap_signals
 from .options import check_options
+from .pipelines import check_checkpoint
 from .request import CalibrationRequest, shard_prefix
+from .shards import DamagedShard
+from .shards import check as check_shard
 
 WAIT_POLL_S = 1.0
 
@@ -56,9 +61,10 @@ class PlanRevoked(NotFound):
 class RunOptions:
     """How to run a request (none of this changes the result's bytes)."""
 
-    workers: int | None = None  # default: one per GPU, else per cpus_per_worker CPUs
+    workers: int | None = None  # default: as many as the cluster holds (workers.pool.plan_workers)
     ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray for this call
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # default: INVARDIFF_WORKER_GPUS, else 1 if GPUs exist
     lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS
     wait: bool = True  # wait on a job another driver is running
     min_psnr: float | None = None
@@ -89,6 +95,8 @@ class JobResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 0
     worker_restarts: int = 0
+    workers_lost: list[dict[str, Any]] = field(default_factory=list)
+    worker_plan: dict[str, Any] | None = None
     report: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -139,12 +147,13 @@ def submit(registry, request: CalibrationRequest, options: RunOptions | None = N
     done = _succeeded(registry, request.job_key)
     if done is not None:
         return _finish_existing(registry, done, options)
+    check_checkpoint(request.source, request.revision)  # loadable, before any worker starts
     previous = trap_signals()
     try:
-        with ray_session(options.ray_address, options.workers):
+        with ray_session(options.ray_address) as local:
             trap_signals()  # again: starting Ray installs its own (aborting) SIGTERM handler
             check_signals()
-            return _Run(registry, request, options).execute()
+            return _Run(registry, request, options, local).execute()
     finally:
         restore_signals(previous)
 
@@ -262,10 +271,13 @@ class _Heartbeat:
 class _Run:
     """One driver's attempt at one job."""
 
-    def __init__(self, registry, request: CalibrationRequest, options: RunOptions) -> None:
-        self.registry, self.request, self.options = registry, request, options
+    def __init__(
+        self, registry, request: CalibrationRequest, options: RunOptions, local: bool = False
+    ) -> None:
+        self.registry, self.request, self.options, self.local = registry, request, options, local
         self.key = request.job_key
-        self.say = options.progress or (lambda message: None)
+        progress = options.progress or (lambda message: None)
+        self.say = lambda message: progress(f"{_now()} {message}")
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.phases: dict[str, Any] = {}
 
@@ -278,6 +290,7 @@ class _Run:
             f"job {self.key[:12]}: {request.model} {request.resolution}, {request.steps} steps, "
             f"{len(request.calls)} trajectories; attempt {claim.job.attempts} by {self.holder}"
         )
+        jobs.record(self.registry, self.key, "attempt", f"by {self.holder}")
         started = time.perf_counter()
         try:
             with _Heartbeat(
@@ -289,9 +302,9 @@ class _Run:
             raise  # the lease was taken over: the other driver's outcome stands
         except BaseException as exc:
             self.phases["total_s"] = round(time.perf_counter() - started, 3)
-            jobs.fail(
-                self.registry, self.key, self.holder, f"{type(exc).__name__}: {exc}", self.phases
-            )
+            error = f"{type(exc).__name__}: {exc}"
+            jobs.fail(self.registry, self.key, self.holder, error, self.phases)
+            jobs.record(self.registry, self.key, "error", error)
             if isinstance(exc, RegistryError):
                 raise
             if isinstance(exc, Exception):
@@ -315,17 +328,19 @@ class _Run:
             check_signals()  # Ctrl-C while waiting on another driver: nothing of ours to fail
 
     def _compute(self, attempts: int) -> JobResult:
-        from .pool import WorkerPool, default_worker_count
+        from .pool import WorkerPool, plan_workers
 
         registry, request, options = self.registry, self.request, self.options
         config_store = registry.store.url
-        count = min(
-            options.workers or default_worker_count(options.cpus_per_worker), len(request.calls)
-        )
+        plan = plan_workers(options.workers, len(request.calls), options.cpus_per_worker,
+                            options.gpus_per_worker, self.local)  # fmt: skip
+        self.worker_plan = plan.to_json()
+        each = f"{plan.gpus:g} GPU" if plan.gpus > 0 else f"{plan.cpus:g} CPU"
+        self.say(f"workers: {plan.count}, {each} each ({plan.reason})")
         started = time.perf_counter()
         pool = WorkerPool(
-            request.to_json(), self.key, config_store, _s3_endpoint(registry), count,
-            options.cpus_per_worker, self.say,
+            request.to_json(), self.key, config_store, _s3_endpoint(registry), plan, self.say,
+            on_event=lambda event, detail: jobs.record(registry, self.key, event, detail),
         )  # fmt: skip
         try:
             self.pool = pool
@@ -342,7 +357,7 @@ class _Run:
                 )
             validation = self._validate(plan_bytes)
             workers = pool.workers()
-            self.restarts = pool.restarts
+            self.restarts, self.lost = pool.restarts, pool.settle_lost()
         finally:
             pool.shutdown()
         self.phases["compute_s"] = round(time.perf_counter() - started, 3)
@@ -396,7 +411,8 @@ class _Run:
         request, store = self.request, self.registry.store
         total = len(request.calls)
         prefix = shard_prefix(self.key, phase)
-        stored = {int(o.key.rsplit("/", 1)[1]) for o in store.list(prefix)}
+        listed = {int(o.key.rsplit("/", 1)[1]) for o in store.list(prefix)}
+        stored = {i for i in listed if i < total and self._intact(phase, i)}
         missing = [i for i in range(total) if i not in stored]
         if self.options.shuffle is not None:
             random.Random(self.options.shuffle + phase).shuffle(missing)
@@ -404,11 +420,18 @@ class _Run:
         self.say(f"phase {phase}: {counts['reused']}/{total} trajectories already stored")
         started = time.perf_counter()
 
+        times: list[float] = []  # seconds of each shard computed in this phase
+
         def done(result: dict[str, Any]) -> None:
             counts["computed" if result["computed"] else "reused"] += 1
             finished = counts["computed"] + counts["reused"]
-            self.beat.progress[f"phase-{phase}"] = {**counts, "done": finished}
-            self.say(f"phase {phase}: {finished}/{total} trajectories")
+            if result["computed"]:
+                times.append(result["seconds"])
+            eta = _eta(times, total - finished, len(self.pool.info))
+            self.beat.progress[f"phase-{phase}"] = {
+                **counts, "done": finished, "eta_s": eta, "updated_at": _now(),
+            }  # fmt: skip
+            self.say(f"phase {phase}: {finished}/{total} trajectories" + _eta_text(eta))
             if self.options.on_shard is not None:
                 self.options.on_shard(phase, result)
 
@@ -421,7 +444,30 @@ class _Run:
             **counts,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        return [store.get(request.shard_key(phase, i)) for i in range(total)]
+        shards = [store.get(request.shard_key(phase, i)) for i in range(total)]
+        for index, data in enumerate(shards):
+            try:
+                check_shard(data, self.key, phase, index)
+            except DamagedShard as exc:
+                raise JobFailed(
+                    f"shard {request.shard_key(phase, index)} is damaged after computing it: {exc}"
+                ) from None
+        return shards
+
+    def _intact(self, phase: int, index: int) -> bool:
+        """Whether stored shard ``index`` is intact; a damaged one is named, deleted (so that
+        it is computed again) and recorded in the job's history."""
+        key = self.request.shard_key(phase, index)
+        try:
+            check_shard(self.registry.store.get(key), self.key, phase, index)
+            return True
+        except NotFound:
+            return False
+        except DamagedShard as exc:
+            self.say(f"shard {key} is damaged ({exc}): computing it again")
+            jobs.record(self.registry, self.key, "damaged_shard", f"{key}: {exc}")
+            self.registry.store.delete(key)
+            return False
 
     def _provisional(self, phase1: list[bytes]):
         import ray
@@ -482,6 +528,8 @@ class _Run:
             workers=workers,
             attempts=attempts,
             worker_restarts=self.restarts,
+            workers_lost=self.lost,
+            worker_plan=self.worker_plan,
         )
         store_report(registry.store, self.key, plan_bytes, validation, result.to_json())
         stored = {
@@ -496,6 +544,7 @@ class _Run:
             dict(self.beat.progress),
             target_id,
         )
+        jobs.record(registry, self.key, "succeeded", f"v{result.version} {sha256[:12]}")
         _apply_gate_and_promotion(registry, result, self.options)
         if self.options.report is not None:
             result.report = _copy_report(registry, self.key, result, self.options.report)
@@ -525,6 +574,25 @@ def publish_under_gate(
         registry, published.version.sha256, published.target.key_hash, measured
     )
     return published, target_id, metrics
+
+
+def _now() -> str:
+    """The UTC time of a progress line (seconds)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _eta(times: list[float], remaining: int, workers: int) -> float | None:
+    """Seconds left in a phase: the remaining shards at the mean shard time so far, spread
+    over the ready workers (None before a first shard was computed)."""
+    if remaining <= 0:
+        return 0.0
+    if not times:
+        return None
+    return round(sum(times) / len(times) * math.ceil(remaining / max(1, workers)), 1)
+
+
+def _eta_text(eta: float | None) -> str:
+    return "" if eta is None else f", ETA {eta:.0f} s"
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:

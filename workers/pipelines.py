@@ -102,8 +102,105 @@ def check_resolution(model: ModelInfo, resolution: Resolution) -> None:
             )
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+_PIPELINE_MODULES = ("diffusers", "invardiff.models")  # where a pipeline class may come from
+
+
+def pipeline_class(name: str):
+    """The pipeline class ``model_index.json`` names: diffusers', or an invardiff built-in's
+    (``DigitsFluxPipeline``, which ``save_pretrained`` records without its module)."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    for module in _PIPELINE_MODULES:
+        found = getattr(importlib.import_module(module), name, None)
+        if isinstance(found, type) and issubclass(found, DiffusionPipeline):
+            return found
+    raise InvalidInput(f"pipeline class {name!r} is neither diffusers' nor an invardiff built-in's")
+
+
+def _component_class(library: str, name: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(library), name)
+    except (ImportError, AttributeError, ValueError):
+        raise InvalidInput(f"component class {library}.{name} cannot be imported") from None
+
+
+def _weightless(component: type, folder: Path) -> bool:
+    """Whether a model component has no parameters (built on the meta device: no memory)."""
+    import torch
+
+    if not (isinstance(component, type) and issubclass(component, torch.nn.Module)):
+        return False
+    try:
+        with torch.device("meta"):
+            model = component.from_config(component.load_config(folder))
+    except Exception:  # noqa: BLE001 - a config it cannot be built from: not weightless
+        return False
+    return next(model.parameters(), None) is None
+
+
+def _model_components(path: Path) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The pipeline class name and the ``(library, class)`` of each component folder."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        name = index["_class_name"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise InvalidInput(f"{path}/model_index.json is not a diffusers model index") from None
+    components = {
+        key: (value[0], value[1])
+        for key, value in index.items()
+        if not key.startswith("_") and isinstance(value, list) and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    }  # fmt: skip
+    return str(name), components
+
+
+def check_checkpoint(source: str, revision: str | None) -> None:
+    """Refuse a checkpoint folder that cannot be loaded, before any worker starts (exit 2):
+    its model index, pipeline class and every component class must import, and every model
+    component with parameters needs its weights (safetensors). Built-in models pass."""
+    path = checkpoint_path(source, revision)
+    if path is None:
+        return
+    name, components = _model_components(path)
+    pipeline_class(name)
+    for key, (library, class_name) in components.items():
+        component = _component_class(library, class_name)
+        folder = path / key
+        if not (folder / "config.json").is_file():
+            continue  # a scheduler, tokenizer or processor: no weights
+        if any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
+            continue
+        if not _weightless(component, folder):
+            raise InvalidInput(f"{source}: component {key!r} has no weights (*.safetensors)")
+
+
+def _weightless_components(path: Path) -> dict[str, Any]:
+    """Parameter-free model components (e.g. the digits DiT's identity VAE) built from their
+    config: ``from_pretrained`` would look for a weights file they never had."""
+    _, components = _model_components(path)
+    built = {}
+    for key, (library, class_name) in components.items():
+        folder = path / key
+        if (folder / "config.json").is_file() and not any(
+            f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()
+        ):
+            component = _component_class(library, class_name)
+            if _weightless(component, folder):
+                built[key] = component.from_config(component.load_config(folder))
+    return built
+
+
 def load_pipeline(source: str, revision: str | None, dtype: str | None, device: str):
-    """Load the pipeline of a checkpoint (eval mode, progress bars off) onto ``device``."""
+    """Load the pipeline of a checkpoint (eval mode, progress bars off) onto ``device``.
+
+    A folder is loaded with the class its ``model_index.json`` names (an invardiff built-in
+    class too, so a ``save_pretrained`` copy of the digits models loads), safetensors only.
+    """
     import torch
 
     name = builtin_name(source)
@@ -112,13 +209,13 @@ def load_pipeline(source: str, revision: str | None, dtype: str | None, device: 
 
         pipe = load_builtin(name)
     else:
-        from diffusers import DiffusionPipeline
-
         path = checkpoint_path(source, revision)
+        assert path is not None
         torch_dtype = getattr(torch, dtype) if dtype else None
-        pipe = DiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, local_files_only=True
-        )
+        pipe = pipeline_class(_model_components(path)[0]).from_pretrained(
+            path, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True,
+            **_weightless_components(path),
+        )  # fmt: skip
     pipe = pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):

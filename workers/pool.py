@@ -9,16 +9,19 @@ finish the queue.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from registry.errors import RegistryError, Unreachable
+from registry.errors import InvalidInput, RegistryError, Unreachable
 
 from .actors import remote_worker
 from .errors import JobFailed
@@ -26,23 +29,93 @@ from .errors import JobFailed
 MAX_SHARD_FAILURES = 5
 MAX_PROBES = 30  # readiness probes of a dead actor while Ray may be restarting it
 PROBE_DELAY_S = 1.0
-NO_WORKER_TIMEOUT_S = 600.0
+NO_WORKER_TIMEOUT_S = 600.0  # default of INVARDIFF_WORKER_START_TIMEOUT_S
+GPUS_ENV = "INVARDIFF_WORKER_GPUS"  # GPUs per worker a cluster's jobs ask for (0: CPU workers)
+MAX_WORKERS_ENV = "INVARDIFF_MAX_WORKERS"  # the most workers an autoscaling cluster can offer
+START_TIMEOUT_ENV = "INVARDIFF_WORKER_START_TIMEOUT_S"
 
 
-def cluster_has_gpus() -> bool:
-    import ray
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many workers a job starts, with what each asks for, and why that many."""
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    requested: int | None  # --workers (None: the default)
+    count: int
+    cap: int  # the most the cluster holds (local: CPUs or GPUs present; cluster: ever offers)
+    gpus: float  # per worker (0: CPU workers)
+    cpus: float  # per worker
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def default_worker_count(cpus_per_worker: float) -> int:
-    """One worker per GPU, else as many as the cluster's CPUs hold."""
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise InvalidInput(f"{name}={text!r}: expected a finite number >= 0")
+    return value
+
+
+def start_timeout() -> float:
+    """Seconds to wait for a first worker (``INVARDIFF_WORKER_START_TIMEOUT_S``, default 600):
+    time for an autoscaler to bring a GPU node up from zero."""
+    value = _env_number(START_TIMEOUT_ENV, NO_WORKER_TIMEOUT_S)
+    if value <= 0:
+        raise InvalidInput(f"{START_TIMEOUT_ENV} must be > 0")
+    return value
+
+
+def worker_resources(gpus: float, cpus: float) -> dict[str, float]:
+    """What one actor asks Ray for: ``gpus`` GPUs (and no CPU) each, else ``cpus`` CPUs."""
+    return {"num_gpus": gpus, "num_cpus": 0} if gpus > 0 else {"num_cpus": cpus}
+
+
+def plan_workers(
+    requested: int | None,
+    trajectories: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float | None = None,
+    local: bool = False,
+) -> WorkerPlan:
+    """The job's worker count and per-worker resources on the connected Ray.
+
+    GPUs per worker: ``gpus_per_worker``, else ``INVARDIFF_WORKER_GPUS``, else 1 when the
+    cluster has GPUs now. Asked for GPUs, actors request them whether or not any exist yet, so
+    that an autoscaler scales up by demand. The count is ``requested`` (default: as many as the
+    cluster holds), capped at what it holds: on a local Ray the CPUs or GPUs present; on a
+    cluster the larger of what it has now and ``INVARDIFF_MAX_WORKERS`` (what its autoscaler can
+    ever add); and at one per trajectory.
+    """
     import ray
 
     resources = ray.cluster_resources()
-    if resources.get("GPU", 0) > 0:
-        return int(resources["GPU"])
-    return max(1, int(resources.get("CPU", 1) // cpus_per_worker))
+    present_gpus = resources.get("GPU", 0.0)
+    gpus = gpus_per_worker
+    if gpus is None:
+        gpus = _env_number(GPUS_ENV, 1.0 if present_gpus > 0 else 0.0)
+    unit, kind = (gpus, "GPUs") if gpus > 0 else (cpus_per_worker, "CPUs")
+    present = int((present_gpus if gpus > 0 else resources.get("CPU", 0.0)) // unit)
+    declared = 0 if local else int(_env_number(MAX_WORKERS_ENV, 0))
+    cap = max(present, declared)
+    where = "this local Ray" if local else "the cluster"
+    if cap == 0:  # nothing now and nothing declared: trust the autoscaler with one per call
+        cap = trajectories
+        why = f"no {kind} on {where} yet; {MAX_WORKERS_ENV} unset: one per trajectory at most"
+    elif declared > present:
+        why = f"{MAX_WORKERS_ENV}={declared}: what {where} can scale up to"
+    else:
+        why = f"the {kind} of {where} hold {present} worker(s)"
+    count = min(requested or cap, cap, trajectories)
+    if requested is not None and count < requested:
+        why = f"asked {requested}, capped at {count}: " + (
+            why if requested > cap else f"one per trajectory ({trajectories})"
+        )
+    return WorkerPlan(requested, count, cap, float(gpus), float(cpus_per_worker), why)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -60,10 +133,36 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 @contextmanager
-def ray_session(address: str | None, num_cpus: int | None):
+def stdout_to_stderr():
+    """While Ray runs in this process, whatever it prints goes to stderr, never stdout.
+
+    Ray's driver prints other processes' messages (``(raylet) ...`` when a worker or node is
+    lost) on ``sys.stdout``, and its C++ core and the processes it starts inherit file
+    descriptor 1; both are pointed at stderr, so that ``--json`` output stays parseable.
+    """
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no file descriptor 1 or 2 (a daemon): nothing to protect there
+        saved = None
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextmanager
+def ray_session(address: str | None):
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray for this command.
 
-    An already initialized Ray (tests, notebooks) is used as is and left running.
+    Yields whether this is a local Ray started here (its CPUs and GPUs are this machine's).
+    An already initialized Ray (tests, notebooks) is used as is and left running. Ray's own
+    output goes to stderr (:func:`stdout_to_stderr`).
     """
     try:
         import ray
@@ -73,27 +172,31 @@ def ray_session(address: str | None, num_cpus: int | None):
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_reachable(address)
-    if ray.is_initialized():
-        yield
-        return
-    options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
-    try:
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(
-                address="local",  # never join a cluster a stale ray_current_cluster names
-                num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=False,
-                **options,
-            )
-    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds: all mean "no cluster"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Unreachable(f"cannot start or reach Ray at {address or 'local'}: {detail}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with stdout_to_stderr():
+        if ray.is_initialized():
+            yield False
+            return
+        options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:  # the machine's CPUs (never more: --workers is capped at them) and GPUs
+                ray.init(
+                    address="local",  # never join a cluster a stale ray_current_cluster names
+                    num_cpus=os.cpu_count() or 1,
+                    include_dashboard=False,
+                    **options,
+                )
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds: all mean "no cluster"
+            text = str(exc).strip()
+            detail = text.splitlines()[0] if text else type(exc).__name__
+            raise Unreachable(
+                f"cannot start or reach Ray at {address or 'local'}: {detail}"
+            ) from None
+        try:
+            yield not address
+        finally:
+            ray.shutdown()
 
 
 class WorkerPool:
@@ -105,24 +208,43 @@ class WorkerPool:
         job_key: str,
         store_url: str,
         s3_endpoint_url: str | None,
-        count: int,
-        cpus_per_worker: float = 1.0,
+        plan: WorkerPlan,
         say: Callable[[str], None] = lambda message: None,
+        on_event: Callable[[str, str], None] = lambda event, detail: None,
     ) -> None:
         import ray
 
-        actor_class = remote_worker(cluster_has_gpus(), cpus_per_worker)
+        actor_class = remote_worker(worker_resources(plan.gpus, plan.cpus))
         self.actors = [
-            actor_class.remote(request, job_key, store_url, s3_endpoint_url) for _ in range(count)
+            actor_class.remote(request, job_key, store_url, s3_endpoint_url)
+            for _ in range(plan.count)
         ]
         self.probes = {actor.ready.remote(): actor for actor in self.actors}
         self.idle: list[Any] = []
         self.info: dict[int, dict[str, Any]] = {}
-        self.say = say
+        self.lost: list[dict[str, Any]] = []  # workers that died, with whether their node did
+        self.say, self.on_event = say, on_event
         self.restarts = 0
+        self.start_timeout = start_timeout()
         self.probe_failures: dict[int, int] = {}
         self.reprobe_at: dict[int, float] = {}
         self._ray = ray
+
+    def _dead_nodes(self) -> set[str]:
+        return {n["NodeID"] for n in self._ray.nodes() if not n["Alive"]}
+
+    def _lose(self, actor) -> None:
+        """A worker died mid-task: no longer listed as used; recorded with its node's fate."""
+        index = self.actors.index(actor)
+        info = self.info.pop(index, None)
+        if info is None:
+            return
+        node_lost = info["node"] in self._dead_nodes()
+        self.lost.append({**info, "node_lost": node_lost})
+        what = f"node {info['node'][:8]} lost" if node_lost else "worker lost"
+        detail = f"worker {index + 1} (pid {info['pid']} on {info['host']})"
+        self.say(f"{what}: {detail}; its task goes back to the queue")
+        self.on_event("node_lost" if node_lost else "worker_lost", detail)
 
     def _probe(self, actor) -> None:
         self.probes[actor.ready.remote()] = actor
@@ -185,8 +307,11 @@ class WorkerPool:
             )
             tick()
             waited = 0.0 if done or inflight else waited + tick_s
-            if waited > NO_WORKER_TIMEOUT_S:
-                raise JobFailed(f"no worker became ready in {NO_WORKER_TIMEOUT_S:.0f} s")
+            if waited > self.start_timeout:
+                raise JobFailed(
+                    f"no worker became ready in {self.start_timeout:.0f} s "
+                    f"({START_TIMEOUT_ENV}; on a cluster: did it get the GPUs or CPUs asked?)"
+                )
             for ref in done:
                 if ref in self.probes:
                     self._joined(ref, self.probes.pop(ref))
@@ -201,6 +326,7 @@ class WorkerPool:
                             f"shard {item} lost its worker {failures[item]} times"
                         ) from None
                     self.restarts += 1
+                    self._lose(actor)
                     queue.appendleft(item)
                     self._probe(actor)
                     continue
@@ -218,6 +344,16 @@ class WorkerPool:
 
         self.map([0], submit, results.append, tick)
         return results[0]
+
+    def settle_lost(self) -> list[dict[str, Any]]:
+        """The lost workers, each node's fate looked up again: Ray's GCS marks a node dead
+        some seconds after it goes (its health checks), often after its workers' tasks failed."""
+        dead = self._dead_nodes() if any(not w["node_lost"] for w in self.lost) else set()
+        for worker in self.lost:
+            if not worker["node_lost"] and worker["node"] in dead:
+                worker["node_lost"] = True
+                self.on_event("node_lost", f"node {worker['node'][:8]} of pid {worker['pid']}")
+        return self.lost
 
     def workers(self) -> list[dict[str, Any]]:
         return [self.info[i] for i in sorted(self.info)]

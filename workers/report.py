@@ -75,6 +75,71 @@ def plan_heatmap(plan) -> np.ndarray:
     return np.asarray(canvas)
 
 
+LINE = 14  # pixels per line of text (PIL's default font)
+LABEL_WIDTH = 64
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def figures(result: dict[str, Any]) -> list[str]:
+    """The header lines of a report image: model, version, plan, measured figures."""
+    metrics = result.get("metrics") or {}
+    lines = [
+        f"{result.get('model')} v{result.get('version')}  plan {str(result.get('sha256'))[:12]}"
+    ]
+    ideal = _fixed(metrics.get("ideal_speedup"), 2)
+    if "measured_speedup" not in metrics:
+        return [*lines, f"ideal speed-up {ideal}x"]
+    psnr = metrics.get("psnr_db")
+    held = metrics.get("validation") or {}
+    measured = f"speed-up {_fixed(metrics['measured_speedup'], 2)}x measured ({ideal}x ideal)"
+    psnr_text = "inf" if psnr is None else _fixed(psnr, 1)
+    return [
+        *lines,
+        f"{measured}, PSNR {psnr_text} dB, SSIM {_fixed(metrics.get('ssim'), 4)}",
+        f"{held.get('samples', '?')} held-out samples on {held.get('device', '?')}",
+    ]
+
+
+def with_header(
+    image: np.ndarray, lines: list[str], labels: list[tuple[int, str]] = ()
+) -> np.ndarray:
+    """RGB ``image`` under a header of text ``lines``, with ``labels`` (``(row, text)``) in a
+    left margin when given."""
+    from PIL import Image, ImageDraw
+
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    left = LABEL_WIDTH if labels else 0
+    top = LINE * len(lines) + 4
+    width = max(left + rgb.shape[1], 6 * max(len(line) for line in lines) + 8)
+    canvas = Image.new("RGB", (width, top + rgb.shape[0]), "white")
+    canvas.paste(Image.fromarray(rgb.astype(np.uint8)), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * LINE), line, fill="black")
+    for row, text in labels:
+        draw.text((4, top + row), text, fill="black")
+    return np.asarray(canvas)
+
+
+def validation_figure(full: np.ndarray, cached: np.ndarray, result: dict[str, Any]) -> np.ndarray:
+    """The validation grid titled with the model, version and measured figures, its rows
+    labelled (full compute above, the plan below)."""
+    grid = validation_grid(full, cached)
+    row = full.shape[1] * _SCALE
+    lines = [
+        "held-out samples: full compute (top) vs cached with the plan (bottom)",
+        *figures(result),
+    ]
+    labels = [
+        (row // 2 - LINE // 2, "full"),
+        (row + _GAP * _SCALE + row // 2 - LINE // 2, "cached"),
+    ]
+    return with_header(grid, lines, labels)
+
+
 def _png(array: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -88,9 +153,14 @@ def store_report(store, job_key: str, plan_bytes: bytes, validation: dict[str, A
     """Write the job's PNGs to the store (write-once)."""
     from invardiff.plan import CachePlan
 
-    images = {PLAN_PNG: _png(plan_heatmap(CachePlan.from_bytes(plan_bytes)))}
+    plan = with_header(
+        plan_heatmap(CachePlan.from_bytes(plan_bytes)), ["cache plan", *figures(result)]
+    )
+    images = {PLAN_PNG: _png(plan)}
     if validation is not None:
-        images[VALIDATION_PNG] = _png(validation_grid(validation["full"], validation["cached"]))
+        images[VALIDATION_PNG] = _png(
+            validation_figure(validation["full"], validation["cached"], result)
+        )
     for name, data in images.items():
         store.put_new(report_key(job_key, name), data, hashlib.sha256(data).hexdigest())
 

@@ -55,3 +55,43 @@ def test_legend_names_the_step_rule() -> None:
     # the text differs ("held" vs "extrapolated"), the plan panels do not
     assert not np.array_equal(hold[-14:], linear[-14:])
     assert np.array_equal(hold[: -3 * 14], linear[: -3 * 14])
+
+
+RESULT = {
+    "model": "digits-flux",
+    "version": 3,
+    "sha256": "ab" * 32,
+    "metrics": {"ideal_speedup": 2.8, "measured_speedup": 2.54, "psnr_db": 51.2, "ssim": 0.9999,
+                "validation": {"samples": 4, "device": "cpu"}},
+}  # fmt: skip
+
+
+def test_validation_figure_has_a_title_row_labels_and_the_figures() -> None:
+    from workers.report import LABEL_WIDTH, figures, validation_figure, validation_grid
+
+    rng = np.random.default_rng(0)
+    full, cached = rng.random((4, 16, 16, 1)), rng.random((4, 16, 16, 1))
+    grid = validation_grid(full, cached)
+    image = validation_figure(full, cached, RESULT)
+    header = image.shape[0] - grid.shape[0]
+    assert header >= 4 * 14  # a title and three lines of figures
+    assert np.array_equal(image[header:, LABEL_WIDTH : LABEL_WIDTH + grid.shape[1], 0], grid)
+    assert (image[:header] < 128).any() and (image[header:, :LABEL_WIDTH] < 128).any()
+    lines = figures(RESULT)
+    assert lines[0].startswith("digits-flux v3") and "2.54x measured" in lines[1]
+    assert "2.80x ideal" in lines[1] and "PSNR 51.2 dB" in lines[1] and "4 held-out samples" in lines[2]
+    other = validation_figure(full, cached, {**RESULT, "version": 4})
+    assert not np.array_equal(image[:header], other[:header])  # the figures are drawn
+    assert np.array_equal(image[header:], other[header:])
+
+
+def test_plan_png_is_headed_with_the_model_version_and_figures() -> None:
+    from workers.report import figures, with_header
+
+    heatmap = plan_heatmap(_plan())
+    image = with_header(heatmap, ["cache plan", *figures(RESULT)])
+    top = image.shape[0] - heatmap.shape[0]
+    assert np.array_equal(image[top:, : heatmap.shape[1]], heatmap)
+    assert (image[:top] < 128).any()
+    assert figures({"model": "m", "version": 1, "sha256": "c" * 64,
+                    "metrics": {"ideal_speedup": 2.0}})[1] == "ideal speed-up 2.00x"  # fmt: skip
