@@ -74,11 +74,15 @@ def _lease_seconds() -> float:
 @click.option("--max-consecutive", type=click.IntRange(min=1), help="Cap on consecutive reuse.")
 @click.option(
     "--target-speedup", type=FINITE, metavar="X",
-    help="Budget: the most faithful plan with this ideal speed-up (needs invardiff.budget).",
+    help="Budget: the most faithful plan with this ideal speed-up.",
 )  # fmt: skip
 @click.option(
     "--target-psnr", type=FINITE, metavar="DB",
-    help="Budget: the fastest plan keeping this PSNR on held-out seeds (needs invardiff.budget).",
+    help="Budget: the fastest plan whose certified mean PSNR on fresh seeds is at least DB.",
+)  # fmt: skip
+@click.option(
+    "--target-psnr-p5", type=FINITE, metavar="DB",
+    help="Budget: the same on the certified 5th-percentile PSNR (alone or with --target-psnr).",
 )  # fmt: skip
 @click.option(
     "--set",
@@ -159,7 +163,8 @@ def calibrate(
     from .driver import RunOptions, submit
     from .request import build_request
 
-    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr"),
+              "min_psnr_p5": params.pop("target_psnr_p5")}  # fmt: skip
     overrides = {k: v for k, v in params.items() if v is not None}
     overrides.update(_parse_settings(settings))
     registry = _embedded_or_configured(ctx)
