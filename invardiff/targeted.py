@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .budget import budget_plan
+from .budget import budget_plan, describe_targets
 from .calibration import (
     CalibrationParams,
     Runner,
@@ -85,6 +85,7 @@ def calibrate_to_budget(
         say(f"full-compute references: {len(selection)} selection and {len(cert_calls)} certification call(s)")
         measure, certify = holdout_measure(pipeline, selection), holdout_measure(pipeline, cert_calls)
     template = template_plan(pipeline, calls, phase1, model_id=model_id, revision=revision)
+    say(f"searching the plan for {describe_targets(**targets)}")
     return budget_plan(template, merge_scores(phase1), **targets, measure=measure, certify=certify,
                        flag_index=settings.flag_index, provenance=budget_record(calls, settings, selection, cert_calls),
                        say=say)  # fmt: skip
