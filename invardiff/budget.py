@@ -3,8 +3,9 @@
 Pure functions over merged phase-1 statistics (numpy only). A budget fixes how many steps are
 computed; candidates place them differently (evenly spaced, the every-k schedule, denser late
 or early, and a dynamic program over the drift the statistics record or over a measured step
-sensitivity profile), and a caller-supplied ``measure(plans) -> [PSNR dB]`` on held-out seeds
-picks among them. The profile (:func:`step_sensitivity`) is the held-out error of reusing each
+sensitivity profile), and a caller-supplied measure on the selection set picks among them; a
+second measure on a disjoint certification set gives the returned plan's figures and decides
+the fidelity targets (:mod:`invardiff.certify`, docs/certification.md). The profile (:func:`step_sensitivity`) is the held-out error of reusing each
 single step, measured once per search. Every placement is measured with both step-reuse rules
 (hold the last computed hidden state, or extrapolate it linearly: docs/step-reuse.md). Even
 spacing with held steps (every-k's rule) is always a candidate, so a measured choice never
