@@ -3,8 +3,9 @@
 Pure functions over merged phase-1 statistics (numpy only). A budget fixes how many steps are
 computed; candidates place them differently (evenly spaced, the every-k schedule, denser late
 or early, and a dynamic program over the drift the statistics record or over a measured step
-sensitivity profile), and a caller-supplied ``measure(plans) -> [PSNR dB]`` on held-out seeds
-picks among them. The profile (:func:`step_sensitivity`) is the held-out error of reusing each
+sensitivity profile), and a caller-supplied measure on the selection set picks among them; a
+second measure on a disjoint certification set gives the returned plan's figures and decides
+the fidelity targets (:mod:`invardiff.certify`, docs/certification.md). The profile (:func:`step_sensitivity`) is the held-out error of reusing each
 single step, measured once per search. Every placement is measured with both step-reuse rules
 (hold the last computed hidden state, or extrapolate it linearly: docs/step-reuse.md). Even
 spacing with held steps (every-k's rule) is always a candidate, so a measured choice never
@@ -19,10 +20,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from .certify import Fidelity, Floors, Measure, Search
 from .plan import CachePlan
 from .schedules import every_k_gate, gate_plan, spaced_gate
 
-Measure = Callable[[list[CachePlan]], list[float]]  # fidelity (PSNR dB, higher is better) per plan
 WARPS = {"denser-late": 0.9, "denser-early": 1.15}  # exponent of the spacing warp u -> u**g
 DRIFT_POWERS = (0.5, 1.0)  # candidates "drift-0.5", "drift-1": error ~ accumulated drift**p
 SENSITIVITY_POWERS = (0.5, 1.0)  # candidates "sensitivity-0.5", "sensitivity-1" (measured profile)
@@ -30,14 +31,30 @@ PROFILE_RULE = "linear"  # the step-reuse rule the sensitivity profile is measur
 STEP_RULES = ("hold", "linear")  # each gate is a candidate under each rule ("even", "even+linear")
 
 
-def check_targets(target_speedup: float | None, min_psnr: float | None) -> None:
-    """Raise ValueError unless exactly one well-formed target is given."""
-    if (target_speedup is None) == (min_psnr is None):
-        raise ValueError("give exactly one of target_speedup and min_psnr")
+def check_targets(
+    target_speedup: float | None, min_psnr: float | None, min_psnr_p5: float | None = None
+) -> None:
+    """Raise ValueError unless exactly one well-formed target is given: a speed-up, or a
+    fidelity floor on the certified mean (``min_psnr``) and/or 5th percentile (``min_psnr_p5``)."""
+    floors = {"min_psnr": min_psnr, "min_psnr_p5": min_psnr_p5}
+    if (target_speedup is None) == all(v is None for v in floors.values()):
+        raise ValueError("give exactly one target: target_speedup, or min_psnr and/or min_psnr_p5")
     if target_speedup is not None and not (math.isfinite(target_speedup) and target_speedup >= 1.0):
         raise ValueError(f"target_speedup must be a finite number >= 1, got {target_speedup}")
-    if min_psnr is not None and not (math.isfinite(min_psnr) and min_psnr > 0.0):
-        raise ValueError(f"min_psnr must be a positive number of dB, got {min_psnr}")
+    for name, value in floors.items():
+        if value is not None and not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"{name} must be a positive number of dB, got {value}")
+
+
+def describe_targets(
+    target_speedup: float | None = None, min_psnr: float | None = None, min_psnr_p5: float | None = None
+) -> str:
+    """The target in words (for progress lines)."""
+    if target_speedup is not None:
+        return f"an ideal speed-up of at least {target_speedup:g}x"
+    floors = [f"{what} of at least {value:g} dB" for what, value in
+              (("a certified mean PSNR", min_psnr), ("a certified 5th-percentile PSNR", min_psnr_p5)) if value is not None]  # fmt: skip
+    return " and ".join(floors)
 
 
 def drift_from_ratios(ratios: np.ndarray, flag_index: str = "reference") -> np.ndarray:
@@ -98,19 +115,18 @@ def single_step_plans(template: CachePlan, rule: str = PROFILE_RULE) -> list[Cac
     return plans
 
 
-def step_sensitivity(template: CachePlan, measure: Measure) -> np.ndarray:
+def step_sensitivity(template: CachePlan, search: Search) -> np.ndarray:
     """Measured cost of reusing each step: ``10**(-PSNR/10)`` (the mean squared error of
     images in [0, 1]) of the plan reusing that step alone, every other step computed, under
-    :data:`PROFILE_RULE`. The first and last step, never reused, get the largest cost.
+    :data:`PROFILE_RULE`, on the selection set. The first and last step, never reused, get the
+    largest cost.
 
     ``T - 2`` measured plans; the weights of :func:`drift_gate` for the "sensitivity" candidates.
     """
     plans = single_step_plans(template)
     if not plans:
         return np.ones(template.steps)
-    psnr = np.asarray([float(v) for v in measure(plans)], dtype=np.float64)
-    if len(psnr) != len(plans):
-        raise ValueError(f"measure returned {len(psnr)} values for {len(plans)} plans")
+    psnr = np.asarray([f.mean for f in search.measure("profile", plans)], dtype=np.float64)
     cost = np.power(10.0, -psnr / 10.0)  # inf dB (no change at all) -> 0
     return np.concatenate([[cost.max()], cost, [cost.max()]])
 
@@ -182,20 +198,26 @@ def candidate_plans(template: CachePlan, gates: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def _choose(template: CachePlan, gates: dict[str, np.ndarray], measure: Measure | None, provenance: dict):
-    """The best measured candidate (ties: the first), with every candidate's figure recorded."""
+def _select(
+    template: CachePlan, gates: dict[str, np.ndarray], search: Search, rank=lambda f: f.mean
+) -> tuple[dict[str, CachePlan], dict[str, Fidelity], list[str]]:
+    """Every candidate plan of ``gates`` measured on the selection set; names best first by
+    ``rank`` (ties: the first candidate)."""
     plans = candidate_plans(template, gates)
-    if measure is None:
-        name, scores = "even", {}
-    else:
-        values = [float(v) for v in measure(list(plans.values()))]
-        if len(values) != len(plans):
-            raise ValueError(f"measure returned {len(values)} values for {len(plans)} plans")
-        scores = dict(zip(plans, values))
-        name = max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
-    recorded = {n: round(v, 3) if math.isfinite(v) else None for n, v in scores.items()}  # JSON: no inf
+    scores = dict(zip(plans, search.measure("candidates", list(plans.values()))))
+    order = sorted(plans, key=lambda n: -rank(scores[n]))  # stable: ties keep candidate order
+    return plans, scores, order
+
+
+def _record(provenance: dict, name: str, scores: dict[str, Fidelity], search: Search, **figures) -> dict:
+    """The budget provenance of a chosen candidate: every candidate's selection mean, the chosen
+    one's selection and certification figures, and the plans measured per stage."""
+    recorded = {n: f.to_json()["psnr_mean"] for n, f in scores.items()}
     record = {**provenance, "mode": "budget", "candidate": name, "candidates_psnr": recorded}
-    return replace(plans[name], calibration=record), scores.get(name)
+    if name in scores:
+        record["selected"] = scores[name].to_json()
+    record.update({k: v.to_json() if isinstance(v, Fidelity) else v for k, v in figures.items()})
+    return {**record, "measured": dict(search.counts)}
 
 
 def budget_plan(
@@ -204,30 +226,39 @@ def budget_plan(
     *,
     target_speedup: float | None = None,
     min_psnr: float | None = None,
+    min_psnr_p5: float | None = None,
     measure: Measure | None = None,
+    certify: Measure | None = None,
     flag_index: str = "reference",
     provenance: dict | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> CachePlan:
     """The fleet's entry point: a budget-targeted plan from merged phase-1 statistics.
 
     ``phase1`` is ``merge_scores(phase-1 stats)`` (its ``"hidden"`` ratios give the drift
-    candidates; ``None`` leaves them out). Exactly one of ``target_speedup`` (most faithful
-    plan with at least that ideal speed-up) and ``min_psnr`` (fastest plan keeping that many
-    dB on held-out seeds; needs ``measure``) is given. With a ``measure``, the step
-    sensitivity profile is measured first (``T - 2`` plans) and recorded as ``step_psnr``.
+    candidates; ``None`` leaves them out). The target is ``target_speedup`` (most faithful plan
+    with at least that ideal speed-up) or a fidelity floor, ``min_psnr`` (certified mean)
+    and/or ``min_psnr_p5`` (certified 5th percentile): the fastest plan certified to keep it.
+    ``measure`` ranks candidates on the selection set, ``certify`` measures the returned plan
+    on the certification set (disjoint from it: :mod:`invardiff.certify`); a floor needs both.
+    With a ``measure``, the step sensitivity profile is measured first (``T - 2`` plans) and
+    recorded as ``step_psnr``. ``say`` receives a progress line per measured plan.
     """
-    check_targets(target_speedup, min_psnr)
-    if min_psnr is not None and measure is None:
-        raise ValueError("min_psnr needs a measure: fidelity is measured on held-out seeds")
+    check_targets(target_speedup, min_psnr, min_psnr_p5)
+    if target_speedup is None and (measure is None or certify is None):
+        raise ValueError("min_psnr and min_psnr_p5 need measure and certify: fidelity is measured on held-out seeds")
+    if certify is not None and measure is None:
+        raise ValueError("certify needs a selection measure too")
     drift = None if phase1 is None else drift_from_ratios(np.asarray(phase1["hidden"]), flag_index)
-    sensitivity = None
+    sensitivity, search = None, None
     provenance = dict(provenance or {})
     if measure is not None:
-        sensitivity = step_sensitivity(template, measure)
+        search = Search(measure, certify, say)
+        sensitivity = step_sensitivity(template, search)
         provenance["step_psnr"] = _profile_record(sensitivity)
     if target_speedup is not None:
-        return plan_for_speedup(template, target_speedup, drift, measure, provenance, sensitivity)
-    return plan_for_psnr(template, min_psnr, measure, drift, provenance, sensitivity)
+        return plan_for_speedup(template, target_speedup, drift, search, provenance, sensitivity)
+    return plan_for_psnr(template, Floors(min_psnr, min_psnr_p5), search, drift, provenance, sensitivity)
 
 
 def _profile_record(sensitivity: np.ndarray) -> list[float | None]:
@@ -240,44 +271,50 @@ def plan_for_speedup(
     template: CachePlan,
     target_speedup: float,
     drift: np.ndarray | None = None,
-    measure: Measure | None = None,
+    search: Search | None = None,
     provenance: dict | None = None,
     sensitivity: np.ndarray | None = None,
 ) -> CachePlan:
     """The most faithful whole-step plan whose ideal speed-up is at least ``target_speedup``.
 
     ``template`` supplies model, target and geometry; ``drift`` (``drift_from_ratios``) and
-    ``sensitivity`` (``step_sensitivity``) add candidates placed by those weights; ``measure``
-    scores candidates on held-out seeds (without it the evenly spaced schedule is returned).
-    Candidates compute the most steps the budget allows, n, and, with a ``measure``, n - 1
-    (named ``name@n-1``): a faster plan that measures better is the better answer, so a
-    higher target never yields a more faithful plan than a lower one.
+    ``sensitivity`` (``step_sensitivity``) add candidates placed by those weights; ``search``
+    ranks candidates on the selection set and certifies the best when it has a certify measure
+    (without a search the evenly spaced schedule is returned). Candidates compute the most
+    steps the budget allows, n, and, with a search, n - 1 (named ``name@n-1``): a faster plan
+    that measures better is the better answer, so a higher target never yields a more faithful
+    plan than a lower one.
     """
     check_targets(target_speedup, None)
     computed = computed_for_speedup(template, target_speedup)
     gates = candidate_gates(template.steps, computed, drift, sensitivity)
-    if measure is not None and computed > 2:
+    provenance = {**(provenance or {}), "target_speedup": float(target_speedup)}
+    if search is None:
+        plan = candidate_plans(template, {"even": gates["even"]})["even"]
+        return replace(plan, calibration={**provenance, "mode": "budget", "candidate": "even", "candidates_psnr": {}})
+    if computed > 2:
         fewer = candidate_gates(template.steps, computed - 1, drift, sensitivity)
         gates.update({f"{name}@{computed - 1}": gate for name, gate in fewer.items()})
-    provenance = {**(provenance or {}), "target_speedup": float(target_speedup)}
-    return _choose(template, gates, measure, provenance)[0]
+    plans, scores, order = _select(template, gates, search)
+    plan = plans[order[0]]
+    figures = {"certified": search.certified(plan)} if search.certify is not None else {}
+    return replace(plan, calibration=_record(provenance, order[0], scores, search, **figures))
 
 
 def plan_for_psnr(
-    template: CachePlan,
-    min_psnr: float,
-    measure: Measure,
-    drift: np.ndarray | None = None,
-    provenance: dict | None = None,
-    sensitivity: np.ndarray | None = None,
-) -> CachePlan:
-    """The fastest whole-step plan that ``measure`` finds at least ``min_psnr`` dB faithful.
+    template: CachePlan, floors: Floors, search: Search, drift: np.ndarray | None = None,
+    provenance: dict | None = None, sensitivity: np.ndarray | None = None,
+) -> CachePlan:  # fmt: skip
+    """The fastest whole-step plan certified to meet ``floors``.
 
     Binary search on the number of computed steps with the evenly spaced schedule and, given
-    ``sensitivity``, the profile's placement (each under either step-reuse rule), then all
-    candidates at that count and at one step fewer. Computing every step always qualifies.
+    ``sensitivity``, the profile's placement (each under every step-reuse rule), measured on
+    the selection set. Then, from one step fewer than the count found upwards: all candidates
+    at a count are ranked on the selection set, and the best one meeting the floors there is
+    certified; a certification that fails moves on to the next count (recorded as
+    ``rejected``). Computing every step always qualifies.
     """
-    check_targets(None, min_psnr)
+    check_targets(None, floors.min_psnr, floors.min_psnr_p5)
     steps = template.steps
 
     def probe_passes(n: int) -> bool:
@@ -286,7 +323,8 @@ def plan_for_psnr(
         probes = {"even": spaced_gate(steps, n)}
         if sensitivity is not None:
             probes["sensitivity"] = drift_gate(np.asarray(sensitivity) ** SENSITIVITY_POWERS[0], n)
-        return max(measure(list(candidate_plans(template, probes).values()))) >= min_psnr
+        plans = list(candidate_plans(template, probes).values())
+        return any(floors.met_by(f) for f in search.measure("candidates", plans))
 
     low, high = 2, steps  # invariant: high passes
     while low < high:
@@ -295,11 +333,19 @@ def plan_for_psnr(
             high = mid
         else:
             low = mid + 1
-    provenance = {**(provenance or {}), "min_psnr": float(min_psnr)}
-    for computed in (high - 1, high):
-        if 2 <= computed < steps:
-            gates = candidate_gates(steps, computed, drift, sensitivity)
-            plan, psnr = _choose(template, gates, measure, provenance)
-            if psnr is not None and psnr >= min_psnr:
-                return plan
-    return gate_plan(template, np.zeros(steps, dtype=bool), {**provenance, "mode": "budget", "candidate": "full"})
+    provenance = {**(provenance or {}), **{k: v for k, v in vars(floors).items() if v is not None}}
+    rejected: list[dict] = []
+    for computed in range(max(high - 1, 2), steps):
+        plans, scores, order = _select(template, candidate_gates(steps, computed, drift, sensitivity), search,
+                                       floors.rank)  # fmt: skip
+        name = next((n for n in order if floors.met_by(scores[n])), None)
+        if name is None:
+            continue
+        certified = search.certified(plans[name])
+        if floors.met_by(certified):
+            figures = {"certified": certified, **({"rejected": rejected} if rejected else {})}
+            return replace(plans[name], calibration=_record(provenance, name, scores, search, **figures))
+        rejected.append({"candidate": name, "computed": computed, **certified.to_json()})
+    full = gate_plan(template, np.zeros(steps, dtype=bool))
+    figures = {"certified": search.certified(full), **({"rejected": rejected} if rejected else {})}
+    return replace(full, calibration=_record(provenance, "full", {}, search, **figures))

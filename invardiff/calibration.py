@@ -34,7 +34,7 @@ from .scores import (
     warmup_steps,
 )
 
-CALIBRATOR_VERSION = "2"  # 2: budget search adds the measured step-sensitivity placements
+CALIBRATOR_VERSION = "3"  # 2: measured step-sensitivity placements; 3: selection and certification sets
 MODES = ("budget", "reference")
 
 PRESETS: dict[str, dict[str, dict[str, float]]] = {
@@ -270,8 +270,11 @@ def calibrate(
     mode: str | None = None,
     target_speedup: float | None = None,
     min_psnr: float | None = None,
+    min_psnr_p5: float | None = None,
     holdout: list[dict[str, Any]] | None = None,
-    measure: Callable[[list[CachePlan]], list[float]] | None = None,
+    certification: list[dict[str, Any]] | None = None,
+    measure: Callable | None = None,
+    certify: Callable | None = None,
     **params: Any,
 ) -> CachePlan:
     """Calibrate a plan from deterministic trajectories.
@@ -282,17 +285,21 @@ def calibrate(
     resolution and guidance.
 
     ``mode="budget"`` (the default when a target is given; ``len(calls)`` runs plus held-out
-    measurements, docs/plan-quality.md): ``target_speedup=X`` gives the most faithful plan
-    whose ideal speed-up is at least X, ``min_psnr=Y`` the fastest plan keeping Y dB against
-    full compute on ``holdout`` calls (default: ``calls`` with fresh seeds); ``measure``
-    replaces the held-out measurement. ``mode="reference"`` (the default without a target;
+    measurements, docs/plan-quality.md, docs/certification.md): ``target_speedup=X`` gives the
+    most faithful plan whose ideal speed-up is at least X, ``min_psnr=Y`` the fastest plan whose
+    certified mean PSNR against full compute is at least Y dB, ``min_psnr_p5=Z`` (alone or with
+    ``min_psnr``) the same on the certified 5th percentile. Candidates are ranked on the
+    ``holdout`` calls (selection) and the plan is certified on the ``certification`` calls
+    (for text models, may hold other prompts); both default to ``calls`` with fresh seeds, and
+    all three sets must have pairwise disjoint seeds. ``measure`` and ``certify``
+    (``invardiff.certify.Measure``) replace the two held-out measurements. ``mode="reference"`` (the default without a target;
     2 x ``len(calls)`` runs): the paper's rules; ``preset`` is ``"fast"`` (default) or
     ``"slow"``; ``params`` override single values (``q_step``, ``q_attn``, ``nonskip``,
     ``flag_index``, ...).
     """
     transformer = getattr(pipeline, "transformer", pipeline)
     arch = detect_architecture(transformer)
-    mode = calibration_mode(mode, target_speedup, min_psnr, preset, params)
+    mode = calibration_mode(mode, target_speedup, min_psnr, preset, params, min_psnr_p5)
     settings = CalibrationParams.resolve(arch, preset, **params)
     if not calls:
         raise ValueError("calibration needs at least one call")
@@ -304,9 +311,10 @@ def calibrate(
     if mode == "budget":
         from .targeted import calibrate_to_budget
 
-        return calibrate_to_budget(pipeline, transformer, run, calls, steps, settings, target_speedup=target_speedup,
-                                   min_psnr=min_psnr, holdout=holdout, measure=measure, model_id=model_id,
-                                   revision=revision, say=say)  # fmt: skip
+        targets = {"target_speedup": target_speedup, "min_psnr": min_psnr, "min_psnr_p5": min_psnr_p5}
+        return calibrate_to_budget(pipeline, transformer, run, calls, steps, settings, targets=targets,
+                                   holdout=holdout, certification=certification, measure=measure, certify=certify,
+                                   model_id=model_id, revision=revision, say=say)  # fmt: skip
 
     phase1 = []
     for i, call in enumerate(calls):
@@ -348,19 +356,24 @@ def build_plan(
 
 
 def calibration_mode(
-    mode: str | None, target_speedup: float | None, min_psnr: float | None, preset: str | None, params: dict
+    mode: str | None,
+    target_speedup: float | None,
+    min_psnr: float | None,
+    preset: str | None,
+    params: dict,
+    min_psnr_p5: float | None = None,
 ) -> str:
     """``"budget"`` or ``"reference"``; ValueError for a target the mode cannot take."""
     from .budget import check_targets
 
-    targeted = target_speedup is not None or min_psnr is not None
+    targeted = any(v is not None for v in (target_speedup, min_psnr, min_psnr_p5))
     mode = mode or ("budget" if targeted else "reference")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "reference" and targeted:
         raise ValueError("target_speedup and min_psnr need mode='budget' (the reference rules take quantiles)")
     if mode == "budget":
-        check_targets(target_speedup, min_psnr)
+        check_targets(target_speedup, min_psnr, min_psnr_p5)
         rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
         if rules:
             raise ValueError(f"{', '.join(rules)} apply to mode='reference' only, not to a budget")

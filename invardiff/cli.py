@@ -1,6 +1,6 @@
 """``invardiff``: calibrate a built-in model and compare cached against full compute.
 
-    invardiff demo [--model digits-flux] [--preset fast | --target-speedup X | --min-psnr Y] [--out out/]
+    invardiff demo [--model digits-flux] [--preset fast | --target-speedup X | --min-psnr Y [--min-psnr-p5 Z]] [--out out/]
     invardiff calibrate --model digits-dit --out plan.json [--trajectories 8] [--target-speedup X]
     invardiff show PLAN [--json]
 """
@@ -69,7 +69,7 @@ def _grid(rows: list[np.ndarray], scale: int = 4) -> Image.Image:  # noqa: F821
 
 def calibrate_builtin(model: str, trajectories: int, guidance: float | None, rules: dict, pipe=None):
     """Calibrate a built-in model with ``rules`` (``mode``, ``preset``, ``target_speedup``,
-    ``min_psnr``); progress goes to stderr."""
+    ``min_psnr``, ``min_psnr_p5``); progress goes to stderr."""
     from . import calibrate
     from .models import load_builtin
 
@@ -114,6 +114,7 @@ def run_demo(
         "mode": rules["mode"],
         "rules": preset,
         "candidate": plan.calibration.get("candidate"),
+        **{f"certified_{k}": v for k, v in (plan.calibration.get("certified") or {}).items()},
         "guidance": guidance,
         "plan": str(plan_path),
         "sha256": plan.sha256,
@@ -131,12 +132,12 @@ def run_demo(
 
 
 def rules_label(rules: dict) -> str:
-    """Short name of calibration rules for file names: ``fast``, ``x2.8``, ``40dB``."""
+    """Short name of calibration rules for file names: ``fast``, ``x2.8``, ``40dB``, ``p5-35dB``."""
     if rules.get("target_speedup") is not None:
         return f"x{rules['target_speedup']:g}"
-    if rules.get("min_psnr") is not None:
-        return f"{rules['min_psnr']:g}dB"
-    return rules.get("preset") or "fast"
+    floors = [f"{prefix}{rules[key]:g}dB" for key, prefix in (("min_psnr", ""), ("min_psnr_p5", "p5-"))
+              if rules.get(key) is not None]  # fmt: skip
+    return "-".join(floors) or rules.get("preset") or "fast"
 
 
 def _rules(args, parser: argparse.ArgumentParser) -> dict:
@@ -145,15 +146,17 @@ def _rules(args, parser: argparse.ArgumentParser) -> dict:
 
     steps, _ = builtin_settings(args.model)
     try:
-        mode = calibration_mode(args.mode, args.target_speedup, args.min_psnr, args.preset, {})
+        mode = calibration_mode(args.mode, args.target_speedup, args.min_psnr, args.preset, {}, args.min_psnr_p5)
     except ValueError as exc:
-        parser.error(str(exc).replace("target_speedup", "--target-speedup").replace("min_psnr", "--min-psnr"))
+        parser.error(str(exc).replace("target_speedup", "--target-speedup").replace("min_psnr", "--min-psnr")
+                     .replace("_p5", "-p5"))  # fmt: skip
     if args.target_speedup is not None and args.target_speedup > steps / 2:
         parser.error(f"--target-speedup {args.target_speedup:g} is unreachable for {args.model}: at most "
                      f"{steps / 2:g}x ({steps} steps, first and last always computed)")  # fmt: skip
     if mode == "reference":
         return {"mode": mode, "preset": args.preset or "fast"}
-    return {"mode": mode, "target_speedup": args.target_speedup, "min_psnr": args.min_psnr}
+    return {"mode": mode, "target_speedup": args.target_speedup, "min_psnr": args.min_psnr,
+            "min_psnr_p5": args.min_psnr_p5}  # fmt: skip
 
 
 def _add_rules(command: argparse.ArgumentParser) -> None:
@@ -163,7 +166,9 @@ def _add_rules(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target-speedup", type=float, metavar="X",
                          help="budget: the most faithful plan with ideal speed-up >= X")
     command.add_argument("--min-psnr", type=float, metavar="DB",
-                         help="budget: the fastest plan keeping >= DB on held-out seeds")  # fmt: skip
+                         help="budget: the fastest plan whose certified mean PSNR on fresh seeds is >= DB")
+    command.add_argument("--min-psnr-p5", type=float, metavar="DB",
+                         help="budget: the same on the certified 5th-percentile PSNR (alone or with --min-psnr)")  # fmt: skip
 
 
 def _print(result: dict, as_json: bool) -> None:

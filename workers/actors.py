@@ -54,13 +54,13 @@ def batched_call(calls: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]
     return merged, [int(c["seed"]) for c in calls]
 
 
-def held_out(request: CalibrationRequest) -> list[dict[str, Any]]:
-    """The budget search's held-out calls: the calibration calls with fresh seeds."""
-    from invardiff.holdout import check_disjoint, holdout_calls
+def held_out(request: CalibrationRequest) -> dict[str, list[dict[str, Any]]]:
+    """The budget search's held-out calls by stage, ``"selection"`` and ``"certification"``:
+    the calibration calls with fresh seeds each (``invardiff.holdout.held_out_sets``)."""
+    from invardiff.holdout import held_out_sets
 
-    held = holdout_calls(request.calls)
-    check_disjoint(request.calls, held)
-    return held
+    selection, certification = held_out_sets(request.calls)
+    return {"selection": selection, "certification": certification}
 
 
 def finish_plan(plan, request: CalibrationRequest) -> bytes:
@@ -107,7 +107,7 @@ class CalibrationWorker:
         self.runner = pipeline_runner(self.pipe)
         self.params = CalibrationParams(**self.request.params)
         self.store = open_store(store_url, s3_endpoint_url)
-        self._measure = None  # the held-out measure, made on first use
+        self._measures: dict[str, Any] = {}  # the held-out measure per stage, made on first use
         self.load_seconds = time.perf_counter() - started
 
     def ready(self) -> dict[str, Any]:
@@ -161,31 +161,33 @@ class CalibrationWorker:
 
     def budget_start(self, phase1: list[bytes]) -> dict[str, Any]:
         """What the driver's budget search starts from (``invardiff.budget.budget_plan``): the
-        all-compute template plan (target, layer counts, geometry) and the provenance record."""
-        from invardiff.calibration import TrajectoryStats, _jsonable, provenance
-        from invardiff.targeted import template_plan
+        all-compute template plan (target, layer counts, geometry) and the provenance record
+        (``invardiff.targeted.budget_record``, as in-process)."""
+        from invardiff.calibration import TrajectoryStats
+        from invardiff.targeted import budget_record, template_plan
 
         request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
         template = template_plan(self.pipe, request.calls, stats,
                                  model_id=checkpoint_id(request.source), revision=request.revision)  # fmt: skip
-        record = {**provenance(request.calls, self.params), "params": {"flag_index": self.params.flag_index},
-                  "holdout": _jsonable(held_out(request))}  # fmt: skip
+        sets = held_out(request)
+        record = budget_record(request.calls, self.params, sets["selection"], sets["certification"])
         return {
             "template": template.to_bytes(),
             "record": record,
             "flag_index": self.params.flag_index,
         }
 
-    def measure(self, index: int, plan_bytes: bytes) -> dict[str, Any]:
-        """Held-out PSNR (dB) of one plan against full compute (the budget search's measure,
-        ``invardiff.holdout.holdout_measure`` on the request's held-out calls; the full-compute
-        references are computed on this worker's first call)."""
+    def measure(self, index: int, plan_bytes: bytes, stage: str = "selection") -> dict[str, Any]:
+        """Per-sample PSNR (dB) of one plan against full compute on the ``stage``'s held-out
+        calls (``"selection"`` or ``"certification"``: the budget search's measures,
+        ``invardiff.holdout.holdout_measure``; a stage's full-compute references are computed
+        on this worker's first call for it)."""
         from invardiff.holdout import holdout_measure
         from invardiff.plan import CachePlan
 
-        if self._measure is None:
-            self._measure = holdout_measure(self.pipe, held_out(self.request))
-        (psnr,) = self._measure([CachePlan.from_bytes(plan_bytes)])
+        if stage not in self._measures:
+            self._measures[stage] = holdout_measure(self.pipe, held_out(self.request)[stage])
+        (psnr,) = self._measures[stage]([CachePlan.from_bytes(plan_bytes)], lambda: None)
         return {"index": index, "psnr": psnr, "pid": os.getpid()}
 
     def _sample(self, call: dict[str, Any], seeds: list[int]):

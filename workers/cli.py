@@ -113,7 +113,6 @@ def _error_object(ctx: click.Context, exc: Exception) -> dict[str, Any]:
 )  # fmt: skip
 @click.option(
     "--target-psnr", type=FINITE, metavar="DB",
-    help="Budget: the fastest plan keeping this PSNR on held-out seeds.",
 )  # fmt: skip
 @click.option(
     "--set",
@@ -196,6 +195,16 @@ def calibrate(
     from .options import check_options
     from .request import build_request
 
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr"),
+              "min_psnr_p5": params.pop("target_psnr_p5")}  # fmt: skip
+    overrides = {k: v for k, v in params.items() if v is not None}
+    overrides.update(_parse_settings(settings))
+    registry = _embedded_or_configured(ctx)
+    request = build_request(
+        registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
+        params=overrides, trajectories=trajectories, prompts_file=prompts_file,
+        validate=validate, repeats=repeats, budget=budget,
+    )  # fmt: skip
     if promote_alias is not None:
         from registry.matching import check_name
 
@@ -206,7 +215,8 @@ def calibrate(
         min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
     )  # fmt: skip
     check_options(options)  # before the registry is opened (or created): nothing written
-    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr")}
+    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr"),
+              "min_psnr_p5": params.pop("target_psnr_p5")}  # fmt: skip
     overrides = {k: v for k, v in params.items() if v is not None}
     overrides.update(_parse_settings(settings))
     registry = _embedded_or_configured(ctx)

@@ -346,7 +346,9 @@ class _Run:
             self.pool = pool
             phase1 = self._phase(1, None)
             if request.budget:  # budget-targeted: phase 1 statistics, then a measured search
-                self.say(f"searching the plan for the budget {request.budget}")
+                from invardiff.budget import describe_targets
+
+                self.say(f"searching the plan for {describe_targets(**request.budget)}")
                 plan_bytes = self._timed("build_s", self._budget, phase1)
             else:
                 provisional = self._timed("barrier_s", self._provisional, phase1)
@@ -365,7 +367,7 @@ class _Run:
 
     def _budget(self, phase1: list[bytes]) -> bytes:
         """The budget search (``invardiff.budget.budget_plan``) here, its held-out
-        measurements fanned out over the workers, one plan per task."""
+        measurements (selection and certification) fanned out over the workers, one plan per task."""
         from invardiff.budget import budget_plan
         from invardiff.calibration import TrajectoryStats, merge_scores
         from invardiff.plan import CachePlan
@@ -375,30 +377,35 @@ class _Run:
         start = self.pool.call_one("budget_start", phase1, tick=self.beat.check)
         stats = [TrajectoryStats.from_bytes(b) for b in phase1]
         plan = budget_plan(CachePlan.from_bytes(start["template"]), merge_scores(stats),
-                           **self.request.budget, measure=self._measure, flag_index=start["flag_index"],
-                           provenance=start["record"])  # fmt: skip
+                           **self.request.budget, measure=self._measurer("selection"),
+                           certify=self._measurer("certification"), flag_index=start["flag_index"],
+                           provenance=start["record"], say=self.say)  # fmt: skip
         return finish_plan(plan, self.request)
 
-    def _measure(self, plans: list) -> list[float]:
-        """``measure(plans)`` of the budget search, over the pool (see ``CalibrationWorker.measure``)."""
-        blobs = [plan.to_bytes() for plan in plans]
-        values: list[float | None] = [None] * len(blobs)
-        started, pids = time.perf_counter(), []
+    def _measurer(self, stage: str):
+        """The budget search's ``measure(plans, done)`` on ``stage``'s held-out calls, over the
+        pool (see ``CalibrationWorker.measure``)."""
 
-        def record(result: dict[str, Any]) -> None:
-            values[result["index"]] = result["psnr"]
-            pids.append(result["pid"])
-            self.beat.progress["measure"] = {"done": len(pids), "total": len(blobs)}
+        def measure(plans: list, done) -> list[list[float]]:
+            blobs = [plan.to_bytes() for plan in plans]
+            values: list[list[float] | None] = [None] * len(blobs)
+            started, pids = time.perf_counter(), []
 
-        self.pool.map(range(len(blobs)), lambda actor, i: actor.measure.remote(i, blobs[i]),
-                      record, tick=self.beat.check)  # fmt: skip
-        seconds = time.perf_counter() - started
-        totals = self.phases.setdefault("measure", {"plans": 0, "seconds": 0.0, "workers": 0})
-        totals["plans"] += len(blobs)
-        totals["seconds"] = round(totals["seconds"] + seconds, 3)
-        totals["workers"] = max(totals["workers"], len(set(pids)))
-        self.say(f"measured {len(blobs)} plan(s) on held-out calls in {seconds:.1f} s")
-        return [float(v) for v in values]
+            def record(result: dict[str, Any]) -> None:
+                values[result["index"]] = result["psnr"]
+                pids.append(result["pid"])
+                self.beat.progress["measure"] = {"stage": stage, "done": len(pids), "total": len(blobs)}
+                done()
+
+            self.pool.map(range(len(blobs)), lambda actor, i: actor.measure.remote(i, blobs[i], stage),
+                          record, tick=self.beat.check)  # fmt: skip
+            totals = self.phases.setdefault("measure", {"plans": 0, "seconds": 0.0, "workers": 0})
+            totals["plans"] += len(blobs)
+            totals["seconds"] = round(totals["seconds"] + time.perf_counter() - started, 3)
+            totals["workers"] = max(totals["workers"], len(set(pids)))
+            return [[float(v) for v in samples] for samples in values]
+
+        return measure
 
     def _timed(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -562,6 +569,7 @@ def publish_under_gate(
     below ``options``' gate; return the publish result, the target's id and the metrics."""
     measured = {"validation": validation["metrics"]} if validation else {}
     measured.update(_flat(validation["metrics"]) if validation else {})
+    measured.update(_certified(plan_bytes))
     gate = quality_gate(measured, options.min_psnr, options.min_speedup)
     if options.min_psnr is not None or options.min_speedup is not None:
         measured["gate"] = gate  # the gate it was published under (``show``)
@@ -599,6 +607,17 @@ def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline validation figures at the top level of a version's metrics (for ``list``)."""
     keys = ("measured_speedup", "psnr_db", "ssim")
     return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _certified(plan_bytes: bytes) -> dict[str, Any]:
+    """A budget plan's certified figures (its provenance) as version metrics; {} for others."""
+    from invardiff.plan import CachePlan
+
+    figures = CachePlan.from_bytes(plan_bytes).calibration.get("certified")
+    if not figures:
+        return {}
+    return {"certified_psnr_mean": figures["psnr_mean"], "certified_psnr_p5": figures["psnr_p5"],
+            "certified_samples": figures["samples"]}  # fmt: skip
 
 
 def _copy_report(registry, job_key: str, result: JobResult, folder: Path) -> dict[str, str]:

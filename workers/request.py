@@ -71,7 +71,7 @@ class CalibrationRequest:
     # The prompt set, stored once: in ``to_json`` each call names its prompt by index here.
     prompts: list[str] | None = None
     validation: dict[str, Any] = field(default_factory=dict)
-    budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y}
+    budget: dict[str, float] | None = None  # {"target_speedup": X} or {"min_psnr": Y, "min_psnr_p5": Z}
     # A scheduled refresh of an unchanged setup (age, an operator's mark): "<plan sha256>@<time
     # it was calibrated>", so that the job is new and computed afresh, not the one that made it.
     refresh: str | None = None
@@ -345,9 +345,10 @@ def check_budget(
             "budget targets need an invardiff with budget-targeted calibration (invardiff.budget)"
         ) from None
     try:
-        check_targets(budget.get("target_speedup"), budget.get("min_psnr"))
+        check_targets(budget.get("target_speedup"), budget.get("min_psnr"), budget.get("min_psnr_p5"))
     except ValueError as exc:
-        raise InvalidInput(str(exc).replace("min_psnr", "target_psnr")) from None
+        flags = str(exc).replace("target_speedup", "--target-speedup").replace("min_psnr", "--target-psnr")
+        raise InvalidInput(flags.replace("_p5", "-p5")) from None
     rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
     if rules:
         raise InvalidInput(f"{', '.join(rules)} apply to the reference rules, not to a budget")

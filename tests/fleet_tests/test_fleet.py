@@ -70,8 +70,9 @@ def test_bytes_identical_with_1_2_3_workers_any_order_and_a_killed_worker(
 def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
     ray_address, tmp_path, request_
 ):
-    """A budget job: phase 1 on the workers, the search's held-out measurements (profile and
-    candidates) spread over them, and the very plan ``invardiff.calibrate`` makes in one process."""
+    """A budget job: phase 1 on the workers, the search's held-out measurements (profile,
+    candidates, certification) spread over them, progress per measured plan, the very plan
+    ``invardiff.calibrate`` makes in one process, and its certified figures as version metrics."""
     import torch
 
     from invardiff import calibrate
@@ -88,38 +89,55 @@ def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
     expected = replace(
         plan, target=replace(plan.target, height=16, width=16), calibration=calibration
     )
-    assert len(plan.calibration["step_psnr"]) == 26 and plan.calibration["mode"] == "budget"
+    record = plan.calibration
+    assert len(record["step_psnr"]) == 26 and record["mode"] == "budget"
+    assert record["certified"]["samples"] == TRAJECTORIES  # one digit per certification call
+    assert record["measured"] == {"profile": 26, "candidates": len(record["candidates_psnr"]),
+                                  "certification": 1}  # fmt: skip
     for workers in (1, 2):
         registry = open_registry(tmp_path / f"home-{workers}", create=True)
         registry.init()
-        result = submit(registry, budget, RunOptions(workers=workers, cpus_per_worker=0.5))
+        lines: list[str] = []
+        options = RunOptions(workers=workers, cpus_per_worker=0.5, progress=lines.append)
+        result = submit(registry, budget, options)
         assert result.created and "phase-2" not in result.phases
         measured = result.phases["measure"]
-        assert measured["plans"] == 26 + len(plan.calibration["candidates_psnr"])
+        assert measured["plans"] == sum(record["measured"].values())
         assert measured["workers"] == workers  # every worker measured plans
         assert registry.store.get(blob_key(result.sha256)) == expected.to_bytes(), (
             f"{workers} workers"
         )
+        shown = registry.show(result.sha256)["metrics"]  # what show/fetch --json print
+        assert shown["certified_psnr_mean"] == record["certified"]["psnr_mean"]
+        assert shown["certified_psnr_p5"] == record["certified"]["psnr_p5"]
+        assert shown["certified_samples"] == TRAJECTORIES
+        assert "searching the plan for an ideal speed-up of at least 2.8x" in lines
+        for stage, total in (("step profile", 26), ("certification", 1)):
+            assert any(line.startswith(f"{stage}: plan {total}/{total} measured") for line in lines)
+        assert sum(line.startswith("candidates: plan") for line in lines) == len(record["candidates_psnr"])
+        assert not any("{" in line for line in lines)
 
 
 def test_fidelity_target_on_the_fleet_is_the_in_process_plan_and_holds(ray_address, tmp_path):
-    """``--target-psnr``: the fastest plan keeping the PSNR on the held-out calls, searched
-    with the measurements fanned out, equal to the in-process search."""
+    """``--target-psnr`` and ``--target-psnr-p5``: the fastest plan certified to keep them on
+    fresh seeds, searched with the measurements fanned out, equal to the in-process search."""
     import torch
 
     from invardiff import calibrate
     from invardiff.models import load_builtin
 
-    budget = build_request(FLUX, trajectories=TRAJECTORIES, validate=0, budget={"min_psnr": 45.0})
+    floors = {"min_psnr": 45.0, "min_psnr_p5": 40.0}
+    budget = build_request(FLUX, trajectories=TRAJECTORIES, validate=0, budget=floors)
     torch.set_num_threads(1)
     pipe = load_builtin("digits-flux")
     pipe.set_progress_bar_config(disable=True)
-    plan = calibrate(pipe, budget.calls, min_psnr=45.0, model_id=FLUX.source)
+    plan = calibrate(pipe, budget.calls, **floors, model_id=FLUX.source)
     calibration = {**plan.calibration, "job_key": budget.job_key, "prompts_sha256": None}
     expected = replace(
         plan, target=replace(plan.target, height=16, width=16), calibration=calibration
     )
-    assert plan.calibration["candidates_psnr"][plan.calibration["candidate"]] >= 45.0
+    certified = plan.calibration["certified"]
+    assert certified["psnr_mean"] >= 45.0 and certified["psnr_p5"] >= 40.0
     assert 1.0 < plan.summary().ideal_speedup < 14.0
     registry = open_registry(tmp_path / "home", create=True)
     registry.init()
@@ -259,6 +277,8 @@ def test_bad_input_is_one_line_with_its_exit_code_and_leaves_nothing(home, tmp_p
         ([*base, "--set", "nonsense"], 2, "expected KEY=VALUE"),
         # without invardiff.budget: refused; with it: quantiles do not apply to a budget
         ([*base, "--target-speedup", "2", "--q-step", "0.5"], 2, "budget"),
+        ([*base, "--target-psnr-p5", "-3"], 2, "--target-psnr-p5 must be a positive number"),
+        ([*base, "--target-speedup", "2", "--target-psnr-p5", "30"], 2, "exactly one target"),
     ]
     for args, code, message in cases:
         result = runner.invoke(main, args)
