@@ -107,7 +107,8 @@ def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
         result = submit(registry, budget, RunOptions(workers=workers, cpus_per_worker=0.5))
         assert result.created and "phase-2" not in result.phases
         measured = result.phases["measure"]
-        assert measured["plans"] == 26 + len(plan.calibration["candidates_psnr"])
+        jumps = plan.calibration.get("lemica_jumps_measured", 0)  # LeMiCa's edges (invardiff/paths.py)
+        assert measured["plans"] == 26 + jumps + len(plan.calibration["candidates_psnr"])
         assert measured["workers"] == workers  # every worker measured plans
         assert registry.store.get(blob_key(result.sha256)) == expected.to_bytes(), (
             f"{workers} workers"
