@@ -8,7 +8,9 @@ picks among them. The profile (:func:`step_sensitivity`) is the held-out error o
 single step, measured once per search. Every placement is measured with both step-reuse rules
 (hold the last computed hidden state, or extrapolate it linearly: docs/step-reuse.md). Even
 spacing with held steps (every-k's rule) is always a candidate, so a measured choice never
-does worse than it (docs/plan-quality.md).
+does worse than it (docs/plan-quality.md). Two more families join a speed-up search: LeMiCa's
+best path through measured jump errors (:mod:`invardiff.paths`) and the module axis (more
+computed steps, fewer modules: :mod:`invardiff.module_axis`).
 """
 
 from __future__ import annotations
