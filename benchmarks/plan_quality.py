@@ -1,23 +1,29 @@
-"""Plan quality on the built-in models: reference rules, every-k schedules and budget plans.
+"""Goal benchmark for budget plans: out of sample, against the strongest step-only baseline.
 
-Protocol (docs/plan-quality.md): 8 calibration calls (labels 0-7, seeds 100-107, guidance 1.5);
-30 evaluation samples (labels 0-9 x 3, one batch, seed 99) compared with full compute: PSNR,
-SSIM, digit accuracy; speed-up = full / cached wall-clock, interleaved, median of --repeats.
-Budget plans are calibrated through the public API with ``target_speedup`` set to each every-k
-plan's ideal speed-up; they pick their candidate on the calibration calls' held-out seeds,
-never on the evaluation samples.
+Protocol (docs/plan-quality.md): per model, ``--calls`` (8) calibration calls (labels 0-7, seeds
+100-107, guidance 1.5); the budget search selects on a held-out batch (the same labels, one call, seed 100 + 1 000 003);
+then every plan is evaluated on ``--samples`` fresh samples that neither calibration nor
+selection saw (labels 0-9 repeated, one batch, seed 99) against full compute: per-sample PSNR
+(mean and 5th percentile), SSIM, digit accuracy. At every-3's and every-4's ideal speed-up it
+compares the budget plan (``target_speedup`` = that ideal) with evenly spaced steps under
+``step_reuse="linear"`` at the same computed-step count (the strongest step-only rule; the goal:
+the budget plan at least 1 dB better), every-k itself, and each candidate family's best
+candidate on the selection set (what wins and what loses). It also counts the held-out
+measurements of the search (profile, LeMiCa's jumps, candidates) against today's (profile and
+step-only candidates). Ideal speed-ups only: no wall-clock.
 
-    python benchmarks/plan_quality.py [--models digits-flux digits-dit] [--repeats 3] [--json out.json]
-    python benchmarks/plan_quality.py --redraw out.json   # the figures from a saved run (several merged)
+    python benchmarks/plan_quality.py [--models digits-flux digits-dit digits-flux-shifted] \
+        [--samples 50] [--threads 1] [--json docs/data/plan-quality.json]
+    python benchmarks/plan_quality.py --redraw docs/data/plan-quality.json   # table and figure again
 
-Also draws ``docs/img/plan-quality.png`` (speed-up / PSNR scatter) and
-``docs/img/plan-quality-step-error.png`` (per-step latent error against full compute).
+Draws ``docs/img/plan-quality.png`` (ideal speed-up / PSNR, 5th percentile as whiskers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,180 +32,232 @@ import torch
 
 import invardiff
 from invardiff import metrics
+from invardiff.budget import computed_for_speedup
+from invardiff.holdout import holdout_calls, holdout_measure
 from invardiff.models import BUILTIN_MODELS, load_builtin
-from invardiff.schedules import every_k_plan
+from invardiff.schedules import every_k_gate, every_k_plan, gate_plan, spaced_gate
 
 GUIDANCE = 1.5
-LABELS = [i % 10 for i in range(30)]
 SEED = 99
-KS = (2, 3, 4)
-REFERENCE_RULES = {
-    "fast preset": {"preset": "fast"},
-    "slow preset": {"preset": "slow"},
-    "q_step=0.5": {"q_step": 0.5},
-    "q_step=0.8": {"q_step": 0.8},
-}
+KS = (3, 4)
+MODELS = ("digits-flux", "digits-dit", "digits-flux-shifted")
+GOAL_DB = 1.0
+NEW_FAMILIES = ("lemica", "modules")  # candidate names the search gained in issue 15
 
 
-def calibration_calls(model: str) -> list[dict]:
+def family(name: str) -> str:
+    """The candidate family of a candidate name (``even+linear@9`` -> ``fixed``)."""
+    base = name.split("@")[0].split("+")[0]
+    if base in ("lemica", "modules"):
+        return base
+    if base.startswith(("drift", "sensitivity")):
+        return base.split("-")[0]
+    return "fixed"  # even, even+last, every-k, denser-late, denser-early
+
+
+def calibration_calls(model: str, count: int = 8) -> list[dict]:
     steps = int(BUILTIN_MODELS[model]["num_inference_steps"])
-    return [{"class_labels": [c], "num_inference_steps": steps, "guidance_scale": GUIDANCE, "seed": 100 + c}
-            for c in range(8)]  # fmt: skip
+    return [{"class_labels": [c % 10], "num_inference_steps": steps, "guidance_scale": GUIDANCE, "seed": 100 + c}
+            for c in range(count)]  # fmt: skip
 
 
-def generate(pipe, model: str, plan=None, trace: list | None = None) -> np.ndarray:
-    """The evaluation batch, full compute (``plan`` None) or cached; ``trace`` collects latents."""
+class RecordingMeasure:
+    """The held-out measure, recording each call's plans and figures; a plan measured before
+    (the profile at the second target) is answered from memory, but still counted."""
+
+    def __init__(self, measure):
+        self.measure = measure
+        self.memory: dict[str, float] = {}
+        self.calls: list[tuple[list, list[float]]] = []
+
+    def __call__(self, plans):
+        fresh = [p for p in dict.fromkeys(p.sha256 for p in plans) if p not in self.memory]
+        if fresh:
+            by_sha = {p.sha256: p for p in plans}
+            self.memory.update(zip(fresh, self.measure([by_sha[s] for s in fresh])))
+        values = [self.memory[p.sha256] for p in plans]
+        self.calls.append((plans, values))
+        return values
+
+
+def evaluate(pipe, model: str, plans: dict, samples: int) -> dict:
+    """Per plan: per-sample PSNR mean / 5th percentile, SSIM, accuracy on the fresh samples."""
     steps = int(BUILTIN_MODELS[model]["num_inference_steps"])
+    labels = [i % 10 for i in range(samples)]
 
-    def call():
-        if trace is not None:
-            step = pipe.scheduler.step
-
-            def traced(*args, **kwargs):
-                out = step(*args, **kwargs)
-                trace.append((out[0] if isinstance(out, tuple) else out.prev_sample).clone())
-                return out
-
-            pipe.scheduler.step = traced
-        try:
-            return pipe(class_labels=LABELS, num_inference_steps=steps, guidance_scale=GUIDANCE,
+    def generate(plan=None):
+        def call():
+            return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=GUIDANCE,
                         generator=torch.Generator().manual_seed(SEED), output_type="np").images  # fmt: skip
-        finally:
-            if trace is not None and plan is None:
-                del pipe.scheduler.step  # (the cache removes its own wrapper and ours on exit)
 
-    if plan is None:
-        return call()
-    with invardiff.cached(pipe, plan):
-        return call()
+        if plan is None:
+            return call()
+        with invardiff.cached(pipe, plan):
+            return call()
 
-
-def plans_for(pipe, model: str, say) -> dict[str, invardiff.CachePlan]:
-    calls = calibration_calls(model)
-    plans = {}
-    for name, rules in REFERENCE_RULES.items():
-        say(f"{model}: reference rules, {name}")
-        plans[name] = invardiff.calibrate(pipe, calls, mode="reference", model_id=model, **rules)
-    template = plans["fast preset"]
-    for k in KS:
-        plans[f"every {k}"] = every_k_plan(template, k)
-    for k in KS:
-        target = plans[f"every {k}"].summary().ideal_speedup
-        say(f"{model}: budget, target_speedup={target:g}")
-        plans[f"budget x{target:.2f} (vs every {k})"] = invardiff.calibrate(pipe, calls, target_speedup=target,
-                                                                          model_id=model)  # fmt: skip
-    return plans
-
-
-def measure(pipe, model: str, plans: dict, repeats: int) -> tuple[dict, dict]:
-    """Rows of figures per plan, and per-step latent RMS error for the step-error plot."""
-    full_trace: list = []
-    full = generate(pipe, model, trace=full_trace)
-    rows, step_error = {}, {}
-    times = {name: ([], []) for name in plans}
-    for _ in range(repeats):  # interleaved: full then cached, plan after plan
-        for name, plan in plans.items():
-            t0 = time.perf_counter()
-            generate(pipe, model)
-            t1 = time.perf_counter()
-            generate(pipe, model, plan)
-            times[name][0].append(t1 - t0)
-            times[name][1].append(time.perf_counter() - t1)
+    full = generate()
+    rows = {}
     for name, plan in plans.items():
-        trace: list = []
-        images = generate(pipe, model, plan, trace)
-        step_error[name] = [float((a - b).pow(2).mean().sqrt()) for a, b in zip(trace, full_trace)]
-        full_s, cached_s = times[name]
+        images = generate(plan)
+        per_sample = metrics.psnr(images, full, reduction="none")
         rows[name] = {
             "ideal": plan.summary().ideal_speedup,
-            "speedup": float(np.median(full_s) / np.median(cached_s)),
-            "psnr": float(metrics.psnr(images, full)),
+            "psnr_mean": float(np.mean(per_sample)),
+            "psnr_p5": float(np.percentile(per_sample, 5)),
             "ssim": float(metrics.ssim(images, full)),
-            "accuracy": metrics.accuracy(images, LABELS),
+            "accuracy": metrics.accuracy(images, labels),
             "gate": "".join("R" if g else "." for g in plan.step_gate),
+            "modules_reused": int(sum((f & ~plan.step_gate[:, None]).sum() for f in plan.modules.values())),
+            "step_reuse": plan.step_reuse,
             "candidate": plan.calibration.get("candidate"),
         }
-    rows["full compute"] = {"ideal": 1.0, "speedup": 1.0, "psnr": float("inf"), "ssim": 1.0,
-                            "accuracy": metrics.accuracy(full, LABELS), "gate": "", "candidate": None}  # fmt: skip
-    return rows, step_error
+    return rows
+
+
+def budget_point(pipe, calls: list[dict], model: str, k: int, recorder: RecordingMeasure, say) -> tuple[dict, dict]:
+    """Plans to evaluate at every-k's ideal speed-up, and the search's record."""
+    first = len(recorder.calls)
+    started = time.perf_counter()
+    steps = int(BUILTIN_MODELS[model]["num_inference_steps"])
+    target = round(steps / int((~every_k_gate(steps, k)).sum()), 6)  # every-k's ideal: reused steps run nothing
+    say(f"{model}: budget search, target_speedup={target:g} (every {k})")
+    plan = invardiff.calibrate(pipe, calls, target_speedup=target, measure=recorder, model_id=model)
+    seconds = time.perf_counter() - started
+    record = plan.calibration
+    candidates, _ = recorder.calls[-1]  # the last call measures every candidate, in record order
+    by_name = dict(zip(record["candidates_psnr"], candidates))
+    computed = computed_for_speedup(plan, target)
+    plans = {
+        f"every {k}": every_k_plan(plan, k),
+        "even+linear": gate_plan(plan, spaced_gate(plan.steps, computed), step_reuse="linear"),
+        "budget": plan,
+    }
+    best = {}
+    for name, value in record["candidates_psnr"].items():
+        group = family(name)
+        if value is not None and (group not in best or value > record["candidates_psnr"][best[group]]):
+            best[group] = name
+    for group, name in best.items():
+        plans[f"best {group}: {name}"] = by_name[name]
+    measured = sum(len(plans_) for plans_, _ in recorder.calls[first:])
+    today = steps - 2 + sum(1 for name in record["candidates_psnr"] if family(name) not in NEW_FAMILIES)
+    search = {
+        "target_speedup": target,
+        "candidate": record["candidate"],
+        "selection_psnr": record["candidates_psnr"],
+        "family_best": best,
+        "lemica_max_jump": record.get("lemica_max_jump"),
+        "lemica_jumps_measured": record.get("lemica_jumps_measured", 0),
+        "measured_per_call": measured,
+        "today_per_call": today,
+        "cost_ratio": measured / today,
+        "seconds": seconds,
+    }
+    return plans, search
 
 
 def table(results: dict) -> str:
-    lines = ["| model | plan | ideal | measured speed-up | PSNR | SSIM | accuracy | step gate |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for model, rows in results.items():
-        for name, r in sorted(rows.items(), key=lambda item: item[1]["ideal"]):
-            lines.append(f"| {model} | {name} | {r['ideal']:.2f}x | {r['speedup']:.2f}x | {r['psnr']:.1f} dB | "
-                         f"{r['ssim']:.4f} | {100 * r['accuracy']:.0f} % | `{r['gate']}` |")  # fmt: skip
+    lines = ["| model | budget | plan | ideal | PSNR mean | PSNR p5 | SSIM | accuracy | modules reused | step gate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model, points in results.items():
+        for k, point in points.items():
+            for name, r in point["rows"].items():
+                lines.append(f"| {model} | every {k} | {name} | {r['ideal']:.2f}x | {r['psnr_mean']:.1f} dB | "
+                             f"{r['psnr_p5']:.1f} dB | {r['ssim']:.4f} | {100 * r['accuracy']:.0f} % | "
+                             f"{r['modules_reused']} | `{r['gate']}` |")  # fmt: skip
+    lines += ["", ("| model | budget | budget - even+linear (mean) | p5 | goal >= +1 dB | chosen | measurements "
+              "per held-out call (today) |"), "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model, points in results.items():
+        for k, point in points.items():
+            rows, search = point["rows"], point["search"]
+            gain = rows["budget"]["psnr_mean"] - rows["even+linear"]["psnr_mean"]
+            gain_p5 = rows["budget"]["psnr_p5"] - rows["even+linear"]["psnr_p5"]
+            lines.append(f"| {model} | every {k} | {gain:+.2f} dB | {gain_p5:+.2f} dB | "
+                         f"{'met' if gain >= GOAL_DB else 'not met'} | `{search['candidate']}` | "
+                         f"{search['measured_per_call']} ({search['today_per_call']}, "
+                         f"{search['cost_ratio']:.2f}x) |")  # fmt: skip
     return "\n".join(lines)
 
 
-def draw(results: dict, errors: dict, img_dir: Path) -> list[Path]:
+def draw(results: dict, img_dir: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
-    families = {"every": ("s", "tab:blue"), "budget": ("*", "tab:green")}
+    styles = {"every": ("s", "tab:blue"), "even+linear": ("D", "tab:orange"), "budget": ("*", "tab:green")}
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, (model, rows) in zip(axes[0], results.items()):
-        for name, r in rows.items():
-            if name == "full compute":
-                continue
-            marker, color = families.get(name.split()[0], ("o", "tab:red"))
-            ax.scatter(r["speedup"], r["psnr"], marker=marker, color=color, s=90 if marker == "*" else 45)
-            ax.annotate(name.split(" (")[0], (r["speedup"], r["psnr"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")  # fmt: skip
-        ax.set(title=f"{model}: red = reference rules, blue = every k, green = budget",
-               xlabel="measured speed-up (x)", ylabel="PSNR vs full compute (dB)")  # fmt: skip
-        ax.title.set_fontsize(9)
+    for ax, (model, points) in zip(axes[0], results.items()):
+        for point in points.values():
+            for i, (name, r) in enumerate(point["rows"].items()):
+                marker, color = styles.get(name.split()[0], ("o", "tab:gray"))
+                x, y, low = r["ideal"] + 0.02 * i, r["psnr_mean"], r["psnr_mean"] - r["psnr_p5"]  # spread: legible
+                ax.errorbar(x, y, yerr=[[low], [0]], fmt=marker, color=color, ms=10 if marker == "*" else 5,
+                            capsize=2, alpha=0.9)  # fmt: skip
+                if name.startswith("best"):
+                    ax.annotate(name.split(": ")[-1], (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        ax.set(title=f"{model}: blue every-k, orange even+linear, green budget, grey family bests",
+               xlabel="ideal speed-up (x; a budget's plans drawn side by side)",
+               ylabel="PSNR vs full compute, mean (whisker: 5th pct.)")  # fmt: skip
+        ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
-    scatter = img_dir / "plan-quality.png"
+    path = img_dir / "plan-quality.png"
     fig.tight_layout()
-    fig.savefig(scatter, dpi=110)
-    fig, axes = plt.subplots(1, len(errors), figsize=(6 * len(errors), 4.5), squeeze=False)
-    for ax, (model, curves) in zip(axes[0], errors.items()):
-        for name in ["fast preset", *(f"every {k}" for k in KS)]:
-            ax.plot(curves[name], label=name, lw=2 if name == "fast preset" else 1)
-        ax.set(title=f"{model}: latent RMS error against full compute", xlabel="step", ylabel="RMS error")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    steps = img_dir / "plan-quality-step-error.png"
-    fig.tight_layout()
-    fig.savefig(steps, dpi=110)
-    return [scatter, steps]
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def models_to_run(parser: argparse.ArgumentParser, requested: list[str] | None) -> list[str]:
+    """The requested models (an unknown one is an error), or the default ones this checkout has."""
+    if requested is None:
+        missing = [m for m in MODELS if m not in BUILTIN_MODELS]
+        for name in missing:
+            print(f"note: {name} is not a built-in model in this checkout; skipped", file=sys.stderr)
+        return [m for m in MODELS if m in BUILTIN_MODELS]
+    for name in requested:
+        if name not in BUILTIN_MODELS:
+            hint = " (it lands with the shifted-schedule work of issue 15)" if name == "digits-flux-shifted" else ""
+            parser.error(f"{name} is not a built-in model in this checkout{hint}; known: {', '.join(BUILTIN_MODELS)}")
+    return requested
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["digits-flux", "digits-dit"], choices=list(BUILTIN_MODELS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", help=f"default: those of {', '.join(MODELS)} this checkout has")
+    parser.add_argument("--samples", type=int, default=50, help="fresh evaluation samples (default 50)")
+    parser.add_argument("--calls", type=int, default=8, help="calibration calls, and held-out calls (default 8)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     parser.add_argument("--json", type=Path, help="also write every figure as JSON")
     parser.add_argument("--redraw", type=Path, nargs="+", help="only print and draw saved JSON runs")
     args = parser.parse_args()
     if args.redraw:
-        saved = [json.loads(path.read_text()) for path in args.redraw]
-        results = {m: r for run in saved for m, r in run["results"].items()}
+        results = {m: r for path in args.redraw for m, r in json.loads(path.read_text())["results"].items()}
         print(table(results))
-        for path in draw(results, {m: e for run in saved for m, e in run["step_error"].items()}, args.img_dir):
-            print(f"wrote {path}")
+        print(f"wrote {draw(results, args.img_dir)}")
         return
+    if args.samples < 1 or args.calls < 1:
+        parser.error("--samples and --calls must be at least 1")
+    models = models_to_run(parser, args.models)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, errors = {}, {}
-    for model in args.models:
+    results: dict = {}
+    for model in models:
         pipe = load_builtin(model)
         pipe.set_progress_bar_config(disable=True)
-        plans = plans_for(pipe, model, say=lambda m: print(m, flush=True))
-        results[model], errors[model] = measure(pipe, model, plans, args.repeats)
+        calls = calibration_calls(model, args.calls)
+        batched = [{**calls[0], "class_labels": [label for call in calls for label in call["class_labels"]]}]
+        recorder = RecordingMeasure(holdout_measure(pipe, holdout_calls(batched)))  # one batch, a fresh seed
+        results[model] = {}
+        for k in KS:
+            plans, search = budget_point(pipe, calls, model, k, recorder, say=lambda m: print(m, flush=True))
+            print(f"{model}: evaluating {len(plans)} plans on {args.samples} fresh samples", flush=True)
+            results[model][k] = {"rows": evaluate(pipe, model, plans, args.samples), "search": search}
+            if args.json:
+                args.json.write_text(json.dumps({"samples": args.samples, "calls": args.calls, "results": results}, indent=1))
         print(table({model: results[model]}), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"results": results, "step_error": errors}, indent=1))
-    for path in draw(results, errors, args.img_dir):
-        print(f"wrote {path}")
+    print(f"wrote {draw(results, args.img_dir)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ the fidelity targets (:mod:`invardiff.certify`, docs/certification.md). The prof
 single step, measured once per search. Every placement is measured with both step-reuse rules
 (hold the last computed hidden state, or extrapolate it linearly: docs/step-reuse.md). Even
 spacing with held steps (every-k's rule) is always a candidate, so a measured choice never
-does worse than it (docs/plan-quality.md).
+does worse than it (docs/plan-quality.md). Two more families join a speed-up search: LeMiCa's
+best path through measured jump errors (:mod:`invardiff.paths`) and the module axis (more
+computed steps, fewer modules: :mod:`invardiff.module_axis`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from .certify import Fidelity, Floors, Measure, Search
+from .module_axis import module_candidates
+from .paths import best_path, jump_bound, jump_costs, usable_jumps
 from .plan import CachePlan
 from .schedules import every_k_gate, gate_plan, spaced_gate
 
@@ -89,20 +93,8 @@ def drift_gate(weights: np.ndarray, computed: int) -> np.ndarray:
         inner = k - 1 - j
         return (cum[k] - cum[j + 1]) - inner * prefix[j + 1] if inner > 0 else 0.0
 
-    best = np.full((computed, steps), np.inf)
-    back = np.zeros((computed, steps), dtype=int)
-    best[0, 0] = 0.0
-    for c in range(1, computed):
-        for k in range(c, steps):
-            costs = [best[c - 1, j] + segment(j, k) for j in range(c - 1, k)]
-            j = int(np.argmin(costs))
-            best[c, k], back[c, k] = costs[j], j + c - 1
-    gate = np.ones(steps, dtype=bool)
-    k = steps - 1
-    for c in range(computed - 1, -1, -1):
-        gate[k] = False
-        k = back[c, k]
-    return gate
+    costs = np.array([[segment(j, k) if k > j else np.inf for k in range(steps)] for j in range(steps)])
+    return best_path(costs, computed)  # the run costs are the edges of a path 0 -> T-1
 
 
 def single_step_plans(template: CachePlan, rule: str = PROFILE_RULE) -> list[CachePlan]:
@@ -144,12 +136,18 @@ def warped_gate(steps: int, computed: int, power: float) -> np.ndarray:
 
 
 def candidate_gates(
-    steps: int, computed: int, drift: np.ndarray | None = None, sensitivity: np.ndarray | None = None
+    steps: int,
+    computed: int,
+    drift: np.ndarray | None = None,
+    sensitivity: np.ndarray | None = None,
+    jumps: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Named step gates with exactly ``computed`` computed steps, duplicates removed.
 
     Always holds ``"even"``; ``"every-k"`` when that schedule computes as many steps;
-    ``"drift-p"`` and ``"sensitivity-p"`` when those per-step weights are given.
+    ``"drift-p"`` and ``"sensitivity-p"`` when those per-step weights are given; ``"lemica"``
+    (the best path through the measured jump costs ``jumps``, :mod:`invardiff.paths`) when
+    one with ``computed`` steps exists.
     """
     gates = {"even": spaced_gate(steps, computed)}
     if computed >= 3:  # even spacing over all but the last step, which is computed too (every-k's tail)
@@ -165,6 +163,9 @@ def candidate_gates(
     if sensitivity is not None:
         for power in SENSITIVITY_POWERS:
             gates[f"sensitivity-{power:g}"] = drift_gate(np.asarray(sensitivity) ** power, computed)
+    path = None if jumps is None else best_path(jumps, computed)
+    if path is not None:
+        gates["lemica"] = path
     unique: dict[str, np.ndarray] = {}
     for name, gate in gates.items():
         if not any(np.array_equal(gate, seen) for seen in unique.values()):
@@ -199,11 +200,16 @@ def candidate_plans(template: CachePlan, gates: dict[str, np.ndarray]) -> dict[s
 
 
 def _select(
-    template: CachePlan, gates: dict[str, np.ndarray], search: Search, rank=lambda f: f.mean
+    template: CachePlan,
+    gates: dict[str, np.ndarray],
+    search: Search,
+    rank=lambda f: f.mean,
+    families: dict[str, CachePlan] | None = None,
 ) -> tuple[dict[str, CachePlan], dict[str, Fidelity], list[str]]:
-    """Every candidate plan of ``gates`` measured on the selection set; names best first by
-    ``rank`` (ties: the first candidate)."""
-    plans = candidate_plans(template, gates)
+    """Every candidate plan of ``gates`` (and the further named plans of ``families``: the
+    module axis) measured on the selection set; names best first by ``rank`` (ties: the first
+    candidate)."""
+    plans = {**candidate_plans(template, gates), **(families or {})}
     scores = dict(zip(plans, search.measure("candidates", list(plans.values()))))
     order = sorted(plans, key=lambda n: -rank(scores[n]))  # stable: ties keep candidate order
     return plans, scores, order
@@ -257,7 +263,7 @@ def budget_plan(
         sensitivity = step_sensitivity(template, search)
         provenance["step_psnr"] = _profile_record(sensitivity)
     if target_speedup is not None:
-        return plan_for_speedup(template, target_speedup, drift, search, provenance, sensitivity)
+        return plan_for_speedup(template, target_speedup, drift, search, provenance, sensitivity, phase1)
     return plan_for_psnr(template, Floors(min_psnr, min_psnr_p5), search, drift, provenance, sensitivity)
 
 
@@ -274,8 +280,9 @@ def plan_for_speedup(
     search: Search | None = None,
     provenance: dict | None = None,
     sensitivity: np.ndarray | None = None,
+    module_scores: dict | None = None,
 ) -> CachePlan:
-    """The most faithful whole-step plan whose ideal speed-up is at least ``target_speedup``.
+    """The most faithful plan whose ideal speed-up is at least ``target_speedup``.
 
     ``template`` supplies model, target and geometry; ``drift`` (``drift_from_ratios``) and
     ``sensitivity`` (``step_sensitivity``) add candidates placed by those weights; ``search``
@@ -284,18 +291,40 @@ def plan_for_speedup(
     steps the budget allows, n, and, with a search, n - 1 (named ``name@n-1``): a faster plan
     that measures better is the better answer, so a higher target never yields a more faithful
     plan than a lower one.
+
+    Two more families with a search and a profile: ``"lemica"``, the best path through
+    measured jump costs (:mod:`invardiff.paths`, jumps up to the bound the budget needs, left
+    out when measuring them would more than double the search), and, given the phase-1
+    ``module_scores``, the module axis (:mod:`invardiff.module_axis`: more computed steps,
+    fewer modules, the same FLOP budget) under :data:`PROFILE_RULE`.
     """
     check_targets(target_speedup, None)
     computed = computed_for_speedup(template, target_speedup)
-    gates = candidate_gates(template.steps, computed, drift, sensitivity)
     provenance = {**(provenance or {}), "target_speedup": float(target_speedup)}
     if search is None:
+        gates = candidate_gates(template.steps, computed, drift, sensitivity)
         plan = candidate_plans(template, {"even": gates["even"]})["even"]
         return replace(plan, calibration={**provenance, "mode": "budget", "candidate": "even", "candidates_psnr": {}})
-    if computed > 2:
-        fewer = candidate_gates(template.steps, computed - 1, drift, sensitivity)
-        gates.update({f"{name}@{computed - 1}": gate for name, gate in fewer.items()})
-    plans, scores, order = _select(template, gates, search)
+    counts = (computed, computed - 1) if computed > 2 else (computed,)
+    families = {}
+    if module_scores is not None:
+        families = module_candidates(template, module_scores, target_speedup, computed, (PROFILE_RULE,))
+    jumps = None
+    if sensitivity is not None and computed < template.steps:
+        today = template.steps - 2 + len(STEP_RULES) * sum(len(candidate_gates(template.steps, n, drift, sensitivity))
+                                                           for n in counts)  # fmt: skip
+        bound = jump_bound(template.steps, computed)
+        edges = usable_jumps(template.steps, bound, counts)
+        if len(edges) + len(STEP_RULES) * len(counts) + len(families) <= today:  # the search at most doubles
+            jumps = jump_costs(template, lambda plans: [f.mean for f in search.measure("jumps", plans)],
+                               sensitivity, edges, PROFILE_RULE)  # fmt: skip
+            provenance.update({"lemica_max_jump": bound, "lemica_jumps_measured": len(edges)})
+    gates = {}
+    for n in counts:
+        suffix = "" if n == computed else f"@{n}"
+        gates.update({name + suffix: gate for name, gate in candidate_gates(template.steps, n, drift, sensitivity,
+                                                                            jumps).items()})  # fmt: skip
+    plans, scores, order = _select(template, gates, search, families=families)
     plan = plans[order[0]]
     figures = {"certified": search.certified(plan)} if search.certify is not None else {}
     return replace(plan, calibration=_record(provenance, order[0], scores, search, **figures))

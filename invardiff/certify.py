@@ -22,7 +22,8 @@ Done = Callable[[], None]
 Samples = Sequence[float] | float  # per-sample PSNR dB; a float is a single figure (one sample)
 Measure = Callable[[list[CachePlan], Done], list[Samples]]
 PERCENTILE = 5.0  # the low percentile a plan certifies ("p5")
-STAGES = {"profile": "step profile", "candidates": "candidates", "certification": "certification"}
+STAGES = {"profile": "step profile", "jumps": "LeMiCa jumps", "candidates": "candidates",
+          "certification": "certification"}
 
 
 def _rounded(value: float) -> float | None:
