@@ -23,6 +23,7 @@ from invardiff.module_axis import (
     ranked_units,
     reuse_units,
 )
+from invardiff.certify import Search
 from invardiff.paths import best_path, jump_bound, jump_costs, jump_plans, path_cost, usable_jumps
 from invardiff.schedules import gate_plan, spaced_gate
 
@@ -59,6 +60,18 @@ def additive_measure(plans):
 
 
 # ---- the DAG ------------------------------------------------------------------------------
+def as_measure(score_plans):
+    """The search's measure protocol (``measure(plans, done)``) from plans -> PSNR dB."""
+
+    def measure(plans, done):
+        values = score_plans(plans)
+        for _ in plans:
+            done()
+        return values
+
+    return measure
+
+
 def brute_force(costs: np.ndarray, computed: int) -> float:
     steps = costs.shape[0]
     best = np.inf
@@ -144,7 +157,7 @@ def test_lemica_is_a_candidate_under_each_step_rule_and_the_optimum_of_an_additi
         counted.append(len(plans))
         return additive_measure(plans)
 
-    plan = budget_plan(template, random_scores(template), target_speedup=3.5, measure=measure)  # 8 computed
+    plan = budget_plan(template, random_scores(template), target_speedup=3.5, measure=as_measure(measure))  # 8 computed
     assert plan.calibration["candidate"].startswith("modules+")  # more steps: free under this measure
     record = plan.calibration
     assert record["lemica_max_jump"] == jump_bound(STEPS, 8) == 4
@@ -158,7 +171,7 @@ def test_lemica_is_a_candidate_under_each_step_rule_and_the_optimum_of_an_additi
             costs[i, j] = (j - i - 1) ** 2 * (1.0 + i / STEPS) * 1e-5
     optimum = best_path(costs, 8)
     scores = random_scores(template)
-    gates = candidate_gates(STEPS, 8, drift_from_ratios(scores["hidden"]), step_sensitivity(template, additive_measure),
+    gates = candidate_gates(STEPS, 8, drift_from_ratios(scores["hidden"]), step_sensitivity(template, Search(as_measure(additive_measure))),
                             jumps=costs)  # fmt: skip
     lemica = next(n for n, g in gates.items() if np.array_equal(g, optimum))
     best = additive_measure([gate_plan(template, optimum)])[0]
@@ -189,7 +202,7 @@ def test_lemica_is_left_out_when_its_jumps_would_double_the_search():
         counted.append(len(plans))
         return additive_measure(plans)
 
-    plan = budget_plan(template, random_scores(template), target_speedup=50 / 14, measure=measure)
+    plan = budget_plan(template, random_scores(template), target_speedup=50 / 14, measure=as_measure(measure))
     assert len(usable_jumps(50, jump_bound(50, 14), (14, 13))) == 81  # > the 48 + 2 x (candidates) of today
     assert "lemica_max_jump" not in plan.calibration and len(counted) == 2
     assert not any(n.startswith("lemica") for n in plan.calibration["candidates_psnr"])
@@ -244,7 +257,7 @@ def test_budget_search_measures_the_module_axis_and_keeps_an_admissible_winner()
     def favour_steps(plans):  # fidelity grows with computed steps, whatever modules do
         return [float((~p.step_gate).sum()) + additive_measure([p])[0] / 1000 for p in plans]
 
-    plan = budget_plan(template, random_scores(template), target_speedup=2.8, measure=favour_steps)
+    plan = budget_plan(template, random_scores(template), target_speedup=2.8, measure=as_measure(favour_steps))
     assert plan.calibration["candidate"] == "modules+3+linear" and (~plan.step_gate).sum() == 13
     assert plan.summary().ideal_speedup >= 2.8
     assert {"modules+1+linear", "modules+2+linear"} <= set(plan.calibration["candidates_psnr"])
