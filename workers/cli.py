@@ -113,6 +113,11 @@ def _error_object(ctx: click.Context, exc: Exception) -> dict[str, Any]:
 )  # fmt: skip
 @click.option(
     "--target-psnr", type=FINITE, metavar="DB",
+    help="Budget: the fastest plan whose certified mean PSNR on fresh seeds is at least DB.",
+)  # fmt: skip
+@click.option(
+    "--target-psnr-p5", type=FINITE, metavar="DB",
+    help="Budget: the same on the certified 5th-percentile PSNR (alone or with --target-psnr).",
 )  # fmt: skip
 @click.option(
     "--set",
@@ -195,16 +200,6 @@ def calibrate(
     from .options import check_options
     from .request import build_request
 
-    budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr"),
-              "min_psnr_p5": params.pop("target_psnr_p5")}  # fmt: skip
-    overrides = {k: v for k, v in params.items() if v is not None}
-    overrides.update(_parse_settings(settings))
-    registry = _embedded_or_configured(ctx)
-    request = build_request(
-        registry.model(model), resolution, steps=steps, guidance=guidance, preset=preset,
-        params=overrides, trajectories=trajectories, prompts_file=prompts_file,
-        validate=validate, repeats=repeats, budget=budget,
-    )  # fmt: skip
     if promote_alias is not None:
         from registry.matching import check_name
 

@@ -37,7 +37,6 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
@@ -167,6 +166,18 @@ def flux_sigmas(num_inference_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
 
 
+
+def image_seq_shift(seq_len: int, config: Any) -> float:
+    """FLUX.1-dev's dynamic shift ``mu`` for ``seq_len`` image tokens: linear in the sequence
+    length between ``base_shift`` at ``base_image_seq_len`` and ``max_shift`` at
+    ``max_image_seq_len`` (what diffusers' FluxPipeline passes its scheduler; computed here so
+    that importing the built-ins does not import the FLUX pipeline and its text stack)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    intercept = base - slope * base_len
+    return seq_len * slope + intercept
+
 class DigitsFluxPipeline(DiffusionPipeline):
     """Class-conditional FLUX sampler for 16x16 digits in pixel space (C = 1).
 
@@ -195,10 +206,7 @@ class DigitsFluxPipeline(DiffusionPipeline):
         config = self.scheduler.config
         if not config.get("use_dynamic_shifting", False):
             return {}
-        mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))  # fmt: skip
-        return {"mu": mu}
+        return {"mu": image_seq_shift(latents.shape[1], config)}
 
     @torch.no_grad()
     def __call__(

@@ -92,7 +92,8 @@ def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
     record = plan.calibration
     assert len(record["step_psnr"]) == 26 and record["mode"] == "budget"
     assert record["certified"]["samples"] == TRAJECTORIES  # one digit per certification call
-    assert record["measured"] == {"profile": 26, "candidates": len(record["candidates_psnr"]),
+    jumps = record.get("lemica_jumps_measured", 0)  # LeMiCa's edges (invardiff/paths.py)
+    assert record["measured"] == {"profile": 26, "jumps": jumps, "candidates": len(record["candidates_psnr"]),
                                   "certification": 1}  # fmt: skip
     for workers in (1, 2):
         registry = open_registry(tmp_path / f"home-{workers}", create=True)
