@@ -112,6 +112,9 @@ def test_budget_search_fans_its_measurements_out_and_gives_the_in_process_bytes(
         assert shown["certified_psnr_mean"] == record["certified"]["psnr_mean"]
         assert shown["certified_psnr_p5"] == record["certified"]["psnr_p5"]
         assert shown["certified_samples"] == TRAJECTORIES
+        stamps, messages = zip(*(line.split(" ", 1) for line in lines))  # each line: UTC time, message
+        assert all(stamp.endswith("Z") and stamp[:4].isdigit() for stamp in stamps)
+        lines = list(messages)
         assert "searching the plan for an ideal speed-up of at least 2.8x" in lines
         for stage, total in (("step profile", 26), ("certification", 1)):
             assert any(line.startswith(f"{stage}: plan {total}/{total} measured") for line in lines)
