@@ -294,8 +294,8 @@ def test_signalled_and_killed_drivers_are_resumed_into_one_plan(
     stored = lambda: len(list(registry.store.list(f"jobs/{small_request.job_key}/phase-1/")))
     for signum, code, after in [
         (signal.SIGTERM, 143, "phase 1: 0/4 trajectories already stored"),
-        (signal.SIGKILL, -9, "trajectories\n"),
-        (signal.SIGINT, 130, "trajectories\n"),
+        (signal.SIGKILL, -9, "trajectories, ETA"),  # a trajectory computed in this run
+        (signal.SIGINT, 130, "trajectories, ETA"),
     ]:
         process = cli_process(home, *args, lease=2)
         lines = wait_for_line(process, after)
@@ -303,7 +303,11 @@ def test_signalled_and_killed_drivers_are_resumed_into_one_plan(
         process.send_signal(signum)
         out, err = process.communicate(timeout=120)
         err = "".join(lines) + err
-        assert process.returncode == code and out == "", err
+        assert process.returncode == code, err
+        if signum == signal.SIGKILL:
+            assert out == "", out  # killed: nothing printed
+        else:  # --json: the error object with the exit code (docs/fleet.md)
+            assert json.loads(out) == {"error": err.strip().splitlines()[-1].split("error: ", 1)[1], "exit_code": code}
         job = get_job(registry, small_request.job_key)
         if signum == signal.SIGKILL:
             assert job.status == "running"  # until its lease runs out
