@@ -80,7 +80,7 @@ def test_a_plan_below_its_gate_is_recorded_and_never_served(registry, config, tm
     line = next(x for x in listed.stdout.splitlines() if below.version.sha256[:12] in x)
     assert "FAILED-GATE" in line and "latest" not in line
     shown = runner.invoke(main, ["show", below.version.sha256[:12]])
-    assert "status: FAILED-GATE" in shown.stdout.splitlines()
+    assert ["status:", "FAILED-GATE"] in [line.split() for line in shown.stdout.splitlines()]
     data = json.loads(runner.invoke(main, ["show", below.version.sha256[:12], "--json"]).stdout)
     assert data["status"] == FAILED_GATE and not data["latest"]
 
