@@ -264,13 +264,49 @@ def budget_plan(
         provenance["step_psnr"] = _profile_record(sensitivity)
     if target_speedup is not None:
         return plan_for_speedup(template, target_speedup, drift, search, provenance, sensitivity, phase1)
-    return plan_for_psnr(template, Floors(min_psnr, min_psnr_p5), search, drift, provenance, sensitivity)
+    return plan_for_psnr(template, Floors(min_psnr, min_psnr_p5), search, drift, provenance, sensitivity, phase1)
 
 
 def _profile_record(sensitivity: np.ndarray) -> list[float | None]:
     """The profile as PSNR dB per inner step (JSON: None where reuse changed nothing)."""
     inner = sensitivity[1:-1]
     return [round(float(-10.0 * np.log10(c)), 2) if c > 0 else None for c in inner]
+
+
+def new_families(
+    template: CachePlan,
+    counts: tuple[int, ...],
+    target_speedup: float,
+    search: Search,
+    drift: np.ndarray | None,
+    sensitivity: np.ndarray | None,
+    module_scores: dict | None,
+    jumps: np.ndarray | None = None,
+) -> tuple[dict[str, CachePlan], np.ndarray | None, dict]:
+    """The module axis (``module_scores`` given) and LeMiCa's jump costs (``sensitivity``
+    given) for a budget computing ``counts[0]`` steps (candidates at ``counts``).
+
+    Returns the module candidates, the jump costs (``jumps`` with the usable jumps it lacked
+    measured; ``None`` when measuring them would more than double the search: the profile and
+    the step-only candidates at ``counts``) and what to record of LeMiCa."""
+    computed = counts[0]
+    families = {}
+    if module_scores is not None:
+        families = module_candidates(template, module_scores, target_speedup, computed, (PROFILE_RULE,))
+    if sensitivity is None or computed >= template.steps:
+        return families, jumps, {}
+    today = template.steps - 2 + len(STEP_RULES) * sum(len(candidate_gates(template.steps, n, drift, sensitivity))
+                                                       for n in counts)  # fmt: skip
+    bound = jump_bound(template.steps, computed)
+    edges = usable_jumps(template.steps, bound, counts)
+    if len(edges) + len(STEP_RULES) * len(counts) + len(families) > today:  # the search at most doubles
+        return families, jumps, {}
+    fresh = [edge for edge in edges if jumps is None or not np.isfinite(jumps[edge])]
+    costs = jump_costs(template, lambda plans: [f.mean for f in search.measure("jumps", plans)], sensitivity, fresh,
+                       PROFILE_RULE)  # fmt: skip
+    if jumps is not None:
+        costs = np.where(np.isfinite(jumps), jumps, costs)
+    return families, costs, {"lemica_max_jump": bound, "lemica_jumps_measured": len(edges)}
 
 
 def plan_for_speedup(
@@ -292,11 +328,11 @@ def plan_for_speedup(
     that measures better is the better answer, so a higher target never yields a more faithful
     plan than a lower one.
 
-    Two more families with a search and a profile: ``"lemica"``, the best path through
-    measured jump costs (:mod:`invardiff.paths`, jumps up to the bound the budget needs, left
-    out when measuring them would more than double the search), and, given the phase-1
-    ``module_scores``, the module axis (:mod:`invardiff.module_axis`: more computed steps,
-    fewer modules, the same FLOP budget) under :data:`PROFILE_RULE`.
+    Two more families with a search (:func:`new_families`): ``"lemica"``, the best path
+    through measured jump costs (:mod:`invardiff.paths`, jumps up to the bound the budget
+    needs, left out when measuring them would more than double the search), and, given the
+    phase-1 ``module_scores``, the module axis (:mod:`invardiff.module_axis`: more computed
+    steps, fewer modules, the same FLOP budget) under :data:`PROFILE_RULE`.
     """
     check_targets(target_speedup, None)
     computed = computed_for_speedup(template, target_speedup)
@@ -306,19 +342,8 @@ def plan_for_speedup(
         plan = candidate_plans(template, {"even": gates["even"]})["even"]
         return replace(plan, calibration={**provenance, "mode": "budget", "candidate": "even", "candidates_psnr": {}})
     counts = (computed, computed - 1) if computed > 2 else (computed,)
-    families = {}
-    if module_scores is not None:
-        families = module_candidates(template, module_scores, target_speedup, computed, (PROFILE_RULE,))
-    jumps = None
-    if sensitivity is not None and computed < template.steps:
-        today = template.steps - 2 + len(STEP_RULES) * sum(len(candidate_gates(template.steps, n, drift, sensitivity))
-                                                           for n in counts)  # fmt: skip
-        bound = jump_bound(template.steps, computed)
-        edges = usable_jumps(template.steps, bound, counts)
-        if len(edges) + len(STEP_RULES) * len(counts) + len(families) <= today:  # the search at most doubles
-            jumps = jump_costs(template, lambda plans: [f.mean for f in search.measure("jumps", plans)],
-                               sensitivity, edges, PROFILE_RULE)  # fmt: skip
-            provenance.update({"lemica_max_jump": bound, "lemica_jumps_measured": len(edges)})
+    families, jumps, lemica = new_families(template, counts, target_speedup, search, drift, sensitivity, module_scores)
+    provenance.update(lemica)
     gates = {}
     for n in counts:
         suffix = "" if n == computed else f"@{n}"
@@ -332,16 +357,17 @@ def plan_for_speedup(
 
 def plan_for_psnr(
     template: CachePlan, floors: Floors, search: Search, drift: np.ndarray | None = None,
-    provenance: dict | None = None, sensitivity: np.ndarray | None = None,
+    provenance: dict | None = None, sensitivity: np.ndarray | None = None, module_scores: dict | None = None,
 ) -> CachePlan:  # fmt: skip
-    """The fastest whole-step plan certified to meet ``floors``.
+    """The fastest plan certified to meet ``floors``.
 
     Binary search on the number of computed steps with the evenly spaced schedule and, given
     ``sensitivity``, the profile's placement (each under every step-reuse rule), measured on
     the selection set. Then, from one step fewer than the count found upwards: all candidates
-    at a count are ranked on the selection set, and the best one meeting the floors there is
-    certified; a certification that fails moves on to the next count (recorded as
-    ``rejected``). Computing every step always qualifies.
+    at a count (the step placements and the families of :func:`new_families` within that
+    count's FLOPs: LeMiCa's path, the module axis) are ranked on the selection set, and the
+    best one meeting the floors there is certified; a certification that fails moves on to
+    the next count (recorded as ``rejected``). Computing every step always qualifies.
     """
     check_targets(None, floors.min_psnr, floors.min_psnr_p5)
     steps = template.steps
@@ -364,16 +390,19 @@ def plan_for_psnr(
             low = mid + 1
     provenance = {**(provenance or {}), **{k: v for k, v in vars(floors).items() if v is not None}}
     rejected: list[dict] = []
+    jumps = None
     for computed in range(max(high - 1, 2), steps):
-        plans, scores, order = _select(template, candidate_gates(steps, computed, drift, sensitivity), search,
-                                       floors.rank)  # fmt: skip
+        families, jumps, lemica = new_families(template, (computed,), ideal_speedup(template, computed), search, drift,
+                                               sensitivity, module_scores, jumps)  # fmt: skip
+        gates = candidate_gates(steps, computed, drift, sensitivity, jumps)
+        plans, scores, order = _select(template, gates, search, floors.rank, families)
         name = next((n for n in order if floors.met_by(scores[n])), None)
         if name is None:
             continue
         certified = search.certified(plans[name])
         if floors.met_by(certified):
             figures = {"certified": certified, **({"rejected": rejected} if rejected else {})}
-            return replace(plans[name], calibration=_record(provenance, name, scores, search, **figures))
+            return replace(plans[name], calibration=_record({**provenance, **lemica}, name, scores, search, **figures))
         rejected.append({"candidate": name, "computed": computed, **certified.to_json()})
     full = gate_plan(template, np.zeros(steps, dtype=bool))
     figures = {"certified": search.certified(full), **({"rejected": rejected} if rejected else {})}

@@ -21,7 +21,8 @@ from invardiff.budget import (
     ideal_speedup,
 )
 from invardiff.certify import Fidelity, Search
-from invardiff.holdout import check_disjoint, held_out_sets, holdout_measure
+from invardiff.holdout import batches, check_disjoint, default_batch, held_out_sets, holdout_measure, merge_calls
+from invardiff.schedules import gate_plan, spaced_gate
 
 
 def computed(plan) -> int:
@@ -231,3 +232,43 @@ def test_a_real_search_selects_and_certifies_on_its_recorded_fresh_sets(flux):
     assert any(line.startswith("step profile: plan 8/8 measured") for line in lines)
     assert lines[-1].startswith("certification: plan 1/1 measured")
     assert not any("{" in line for line in lines)
+
+
+# ---- batched measurements -----------------------------------------------------------------------
+def test_calls_merge_only_when_they_differ_in_seed_and_a_single_condition():
+    one = [{"class_labels": [label], "num_inference_steps": 8, "guidance_scale": 1.5, "seed": 10 + label}
+           for label in range(5)]  # fmt: skip
+    several = {"class_labels": [0, 1], "num_inference_steps": 8, "guidance_scale": 1.5, "seed": 50}
+    other = {**one[0], "guidance_scale": 2.0, "seed": 60}
+    assert batches(one, 2) == [[0, 1], [2, 3], [4]] and batches(one, 8) == [[0, 1, 2, 3, 4]]
+    assert batches([one[0], several, one[1], other, one[2]], 8) == [[0, 2, 4], [1], [3]]
+    assert merge_calls(one[:3]) == ({"num_inference_steps": 8, "guidance_scale": 1.5, "class_labels": [0, 1, 2]},
+                                    [10, 11, 12])  # fmt: skip
+    prompts = [{"prompt": p, "num_inference_steps": 8, "seed": s} for p, s in (("a cat", 3), ("a dog", 1))]
+    assert merge_calls(prompts) == ({"num_inference_steps": 8, "prompt": ["a cat", "a dog"]}, [3, 1])
+    for mixed in ([one[0], several], [one[0], other]):
+        with pytest.raises(ValueError, match="only calls with one class label or prompt"):
+            merge_calls(mixed)
+    assert default_batch(16 * 16) == 8 and default_batch(1024 * 1024) == 2 and default_batch(4096 * 4096) == 1
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        batches(one, 0)
+
+
+def test_batched_measurements_equal_one_call_at_a_time_sample_by_sample(flux):
+    held = [{"class_labels": [label], "num_inference_steps": 8, "guidance_scale": 1.5, "seed": 7000 + 13 * label}
+            for label in (3, 1, 4, 1, 5)]  # fmt: skip
+    held.insert(2, {"class_labels": [9, 2], "num_inference_steps": 8, "guidance_scale": 1.5, "seed": 7500})  # alone
+    template = invardiff.all_compute_plan("flux", 8, {k: 2 if "single" not in k else 6 for k in
+                                          ("attn", "context_attn", "ff", "context_ff", "single_attn", "single_mlp")})  # fmt: skip
+    plans = [gate_plan(template, spaced_gate(8, 4), step_reuse=rule) for rule in ("hold", "linear")]
+    one_by_one = holdout_measure(flux, held, max_batch=1)(plans, lambda: None)
+    for cap in (None, 2):  # the default (all five single-label calls in one batch) and pairs
+        batched = holdout_measure(flux, held, max_batch=cap)(plans, lambda: None)
+        assert len(batched[0]) == 7  # one sample per image, in the order of the calls
+        for a, b in zip(batched, one_by_one):
+            assert a == pytest.approx(b, abs=1e-3)
+    call, seeds = merge_calls([held[0], held[1]])  # the merged call's images are the single calls'
+    merged = flux(**call, output_type="np", generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    alone = flux(**{k: v for k, v in held[1].items() if k != "seed"}, output_type="np",
+                 generator=torch.Generator().manual_seed(held[1]["seed"])).images  # fmt: skip
+    assert np.allclose(merged[1:], alone, atol=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import invardiff
+from search_support import per_plan
 from invardiff.budget import (
     STEP_RULES,
     budget_plan,
@@ -16,6 +17,7 @@ from invardiff.budget import (
     step_sensitivity,
 )
 from invardiff.module_axis import (
+    MODULE_RULES,
     UNITS,
     admissible,
     fill_budget,
@@ -244,11 +246,16 @@ def test_module_candidates_compute_more_steps_under_the_same_budget():
     template = flux_template()
     target = 2.8  # 10 computed steps step-only
     candidates = module_candidates(template, random_scores(template), target, 10, ("linear",))
-    assert set(candidates) == {"modules+1+linear", "modules+2+linear", "modules+3+linear"}
+    suffixes = {"hold": "", **{rule: f"+module-{rule}" for rule in MODULE_RULES if rule != "hold"}}
+    assert set(candidates) == {f"modules+{e}+linear{suffix}" for e in (1, 2, 3) for suffix in suffixes.values()}
     for extra in (1, 2, 3):
         plan = candidates[f"modules+{extra}+linear"]
         assert (~plan.step_gate).sum() == 10 + extra and admissible(plan, target)
         assert any(flags[~plan.step_gate].any() for flags in plan.modules.values())
+        for rule, suffix in suffixes.items():  # each forecasting candidate: the same flags, its own rule
+            forecast = candidates[f"modules+{extra}+linear{suffix}"]
+            assert forecast.module_reuse == rule and forecast.step_reuse == "linear"
+            assert forecast.with_module_reuse("hold").sha256 == plan.sha256
     assert module_candidates(template, random_scores(template), 14.0, 2, ("linear",)) == {}  # cannot fit
 
 
@@ -273,3 +280,68 @@ def test_a_joint_attention_ranks_by_its_busier_half():
     scores["ff"][3, 1] = 0.2
     ranked = ranked_units(gate_plan(template, np.zeros(6, dtype=bool)), scores)
     assert ranked[0] == (3, 1, 1) and ranked[-1] == (2, 0, 0)
+
+
+def module_rule_aware(plans):
+    """Fidelity grows with the computed steps, plus 5 dB for a module forecast in the timestep
+    and 2 dB in the step index (a measure that tells the module rules apart)."""
+    bonus = {"hold": 0.0, "linear": 2.0, "linear-t": 5.0}
+    return [30.0 + float((~p.step_gate).sum()) + bonus[p.module_reuse] for p in plans]
+
+
+def test_module_forecasting_candidates_are_measured_and_returned_with_their_rule():
+    template = flux_template()
+    measured = []
+
+    def measure(plans):
+        measured.extend(plans)
+        return module_rule_aware(plans)
+
+    plan = budget_plan(template, random_scores(template), target_speedup=2.8, measure=as_measure(measure))
+    record = plan.calibration
+    assert record["candidate"] == "modules+3+linear+module-linear-t" and plan.module_reuse == "linear-t"
+    assert plan.step_reuse == "linear" and (~plan.step_gate).sum() == 13 and admissible(plan, 2.8)
+    by_name = dict(zip(record["candidates_psnr"], measured[-len(record["candidates_psnr"]):]))
+    for name, measured_plan in by_name.items():  # measured under the rule it is named for
+        expected = name.split("+module-")[1] if "+module-" in name else "hold"
+        assert measured_plan.module_reuse == expected
+    assert record["candidates_psnr"]["modules+3+linear+module-linear"] == pytest.approx(30.0 + 13 + 2.0)
+
+
+def jump_error(i: int, j: int) -> float:
+    """A jump's error: its length squared, except one free jump 16 -> 19 (not on the even path)."""
+    return 1e-12 if (i, j) == (16, 19) else (j - i - 1) ** 2 * 1e-5
+
+
+@pytest.mark.parametrize("family", ["modules", "lemica"])
+def test_min_psnr_searches_the_new_families_too(family):
+    """Step placements reach 55 dB with 9 computed steps; only the family's candidates do with
+    8 steps' FLOPs (LeMiCa: the path through the free jump; modules: forecast linearly)."""
+    template = flux_template()
+    costs = np.full((STEPS, STEPS), np.inf)
+    for i in range(STEPS - 1):
+        for j in range(i + 1, min(i + 4, STEPS - 1) + 1):
+            costs[i, j] = 0.0 if j == i + 1 else jump_error(i, j)
+    lemica = best_path(costs, 8)
+
+    def score(plan):
+        reused = np.flatnonzero(plan.step_gate)
+        computed = np.flatnonzero(~plan.step_gate)
+        runs = [(i, j) for i, j in itertools.pairwise(computed) if j > i + 1]
+        if len(runs) == 1:  # the profile and LeMiCa's jumps
+            return -10.0 * np.log10(jump_error(*runs[0]))
+        if any((flags[computed]).any() for flags in plan.modules.values()):
+            return 60.0 if family == "modules" and plan.module_reuse == "linear" else 30.0
+        if len(computed) >= 9 or (family == "lemica" and np.array_equal(plan.step_gate, lemica)):
+            return 60.0 if len(reused) else float("inf")
+        return 30.0 + len(computed) / 10
+
+    plan = budget_plan(template, random_scores(template), min_psnr=55.0, measure=per_plan(score),
+                       certify=per_plan(score))  # fmt: skip
+    record = plan.calibration
+    assert record["candidate"].startswith(family) and score(plan) == 60.0
+    assert plan.summary().ideal_speedup >= STEPS / 8  # 8 computed steps' FLOPs
+    if family == "modules":
+        assert plan.module_reuse == "linear" and record["candidate"].endswith("+module-linear")
+    else:
+        assert np.array_equal(plan.step_gate, lemica) and record["lemica_max_jump"] == 4
