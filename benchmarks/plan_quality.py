@@ -33,7 +33,7 @@ import torch
 import invardiff
 from invardiff import metrics
 from invardiff.budget import computed_for_speedup
-from invardiff.holdout import holdout_calls, holdout_measure
+from invardiff.holdout import fresh_calls, holdout_measure
 from invardiff.models import BUILTIN_MODELS, load_builtin
 from invardiff.schedules import every_k_gate, every_k_plan, gate_plan, spaced_gate
 
@@ -48,7 +48,9 @@ NEW_FAMILIES = ("lemica", "modules")  # candidate names the search gained in iss
 def family(name: str) -> str:
     """The candidate family of a candidate name (``even+linear@9`` -> ``fixed``)."""
     base = name.split("@")[0].split("+")[0]
-    if base in ("lemica", "modules"):
+    if base == "modules":  # one family per module rule: modules, modules/linear, modules/linear-t
+        return base + ("/" + name.split("+module-")[1] if "+module-" in name else "")
+    if base == "lemica":
         return base
     if base.startswith(("drift", "sensitivity")):
         return base.split("-")[0]
@@ -70,12 +72,14 @@ class RecordingMeasure:
         self.memory: dict[str, float] = {}
         self.calls: list[tuple[list, list[float]]] = []
 
-    def __call__(self, plans):
+    def __call__(self, plans, done):
         fresh = [p for p in dict.fromkeys(p.sha256 for p in plans) if p not in self.memory]
         if fresh:
             by_sha = {p.sha256: p for p in plans}
-            self.memory.update(zip(fresh, self.measure([by_sha[s] for s in fresh])))
+            self.memory.update(zip(fresh, self.measure([by_sha[s] for s in fresh], lambda: None)))
         values = [self.memory[p.sha256] for p in plans]
+        for _ in plans:
+            done()
         self.calls.append((plans, values))
         return values
 
@@ -140,7 +144,7 @@ def budget_point(pipe, calls: list[dict], model: str, k: int, recorder: Recordin
     for group, name in best.items():
         plans[f"best {group}: {name}"] = by_name[name]
     measured = sum(len(plans_) for plans_, _ in recorder.calls[first:])
-    today = steps - 2 + sum(1 for name in record["candidates_psnr"] if family(name) not in NEW_FAMILIES)
+    today = steps - 2 + sum(1 for name in record["candidates_psnr"] if family(name).split("/")[0] not in NEW_FAMILIES)
     search = {
         "target_speedup": target,
         "candidate": record["candidate"],
@@ -248,7 +252,7 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         calls = calibration_calls(model, args.calls)
         batched = [{**calls[0], "class_labels": [label for call in calls for label in call["class_labels"]]}]
-        recorder = RecordingMeasure(holdout_measure(pipe, holdout_calls(batched)))  # one batch, a fresh seed
+        recorder = RecordingMeasure(holdout_measure(pipe, fresh_calls(batched, calls)))  # one batch, a fresh seed
         results[model] = {}
         for k in KS:
             plans, search = budget_point(pipe, calls, model, k, recorder, say=lambda m: print(m, flush=True))

@@ -34,7 +34,9 @@ from .scores import (
     warmup_steps,
 )
 
-CALIBRATOR_VERSION = "3"  # 2: measured step-sensitivity placements; 3: selection and certification sets
+# 2: measured step-sensitivity placements; 3: selection and certification sets;
+# 4: batched held-out measurements, module forecasting candidates, min_psnr over every family
+CALIBRATOR_VERSION = "4"
 MODES = ("budget", "reference")
 
 PRESETS: dict[str, dict[str, dict[str, float]]] = {
