@@ -17,7 +17,7 @@ import numpy as np
 from .plan import CachePlan
 from .schedules import gate_plan, spaced_gate
 
-MODULE_RULES = ("hold", "linear", "linear-t")  # each candidate under each rule (plan.with_module_reuse)
+MODULE_RULES = ("hold", "linear")  # each candidate under each rule (plan.with_module_reuse; "Round 2")
 EXTRA_STEPS = (1, 2, 3)  # trade-off points: "modules+1", "modules+2", "modules+3"
 
 # Kinds flagged together: a FLUX joint attention saves FLOPs only when both halves are reused.
