@@ -29,7 +29,6 @@ Calls = list[dict[str, Any]]
 CONDITIONS = ("class_labels", "prompt")  # the keys a merged call concatenates
 MAX_BATCH = 8  # calls per batched pipeline call, by default
 MAX_BATCH_PIXELS = 8 * 512 * 512  # and output pixels per batch, by default (FLUX.1-dev 1024 px: 2 calls)
-SELECTION_SAMPLES = 16  # the default selection set's least size (docs/plan-quality.md, "Round 2")
 
 
 def fresh_calls(calls: Calls, used: Calls) -> Calls:
@@ -51,28 +50,11 @@ def check_disjoint(**sets: Calls) -> None:
             raise ValueError(f"{second} calls reuse {first} seed(s) {sorted(shared)[:8]}: each set needs fresh seeds")
 
 
-def samples(call: dict[str, Any]) -> int:
-    """How many images a call draws: one per class label or prompt, times ``num_images_per_prompt``."""
-    condition = call.get("prompt", call.get("class_labels"))
-    count = 1 if condition is None or isinstance(condition, str) else len(np.atleast_1d(condition))
-    return count * int(call.get("num_images_per_prompt") or 1)
-
-
-def cycled(calls: Calls, least: int) -> Calls:
-    """``calls`` repeated in order until they draw at least ``least`` samples (whole calls)."""
-    repeated: Calls = []
-    while not repeated or sum(map(samples, repeated)) < least:
-        repeated.append(calls[len(repeated) % len(calls)])
-    return [*repeated, *calls[len(repeated):]]
-
-
 def held_out_sets(calls: Calls, selection: Calls | None = None, certification: Calls | None = None) -> tuple[Calls, Calls]:
-    """The selection and certification calls of a calibration on ``calls``, checked pairwise
-    disjoint with the calibration calls. Defaults, with fresh seeds each: for selection the
-    calls repeated until they draw :data:`SELECTION_SAMPLES` samples (or once, if they draw more),
-    for certification ``calls``."""
+    """The selection and certification calls of a calibration on ``calls`` (defaults: ``calls``
+    with fresh seeds each), checked pairwise disjoint with the calibration calls."""
     check_disjoint(calibration=calls)
-    selection = fresh_calls(cycled(calls, SELECTION_SAMPLES), calls) if selection is None else selection
+    selection = fresh_calls(calls, calls) if selection is None else selection
     if certification is None:
         certification = fresh_calls(calls, [*calls, *selection])
     check_disjoint(calibration=calls, selection=selection, certification=certification)

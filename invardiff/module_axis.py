@@ -81,11 +81,12 @@ def module_candidates(
     target_speedup: float,
     computed: int,
     step_rules: tuple[str, ...],
-    module_rules: tuple[str, ...] = MODULE_RULES,
+    module_rules: tuple[str, ...] | None = None,
     extra_steps: tuple[int, ...] = EXTRA_STEPS,
 ) -> dict[str, CachePlan]:
     """Named admissible candidates ``modules+e[+step rule][+module-rule]``: ``computed + e``
-    evenly spaced steps, module units reused on them until ``target_speedup`` is met."""
+    evenly spaced steps, module units reused on them until ``target_speedup`` is met, under
+    each of ``module_rules`` (default: :data:`MODULE_RULES`)."""
     candidates = {}
     for extra in extra_steps:
         if computed + extra > template.steps:
@@ -95,7 +96,7 @@ def module_candidates(
             plan = fill_budget(gate_plan(template, gate, step_reuse=step_rule), scores, target_speedup)
             if plan is None:
                 continue
-            for module_rule in module_rules:
+            for module_rule in module_rules or MODULE_RULES:
                 name = f"modules+{extra}" + ("" if step_rule == "hold" else f"+{step_rule}")
                 if module_rule == "hold":
                     candidates[name] = plan

@@ -6,9 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+from search_support import per_plan
 
 import invardiff
-from search_support import per_plan
 from invardiff.budget import (
     STEP_RULES,
     budget_plan,
@@ -16,6 +16,7 @@ from invardiff.budget import (
     drift_from_ratios,
     step_sensitivity,
 )
+from invardiff.certify import Search
 from invardiff.module_axis import (
     MODULE_RULES,
     UNITS,
@@ -25,7 +26,6 @@ from invardiff.module_axis import (
     ranked_units,
     reuse_units,
 )
-from invardiff.certify import Search
 from invardiff.paths import best_path, jump_bound, jump_costs, jump_plans, path_cost, usable_jumps
 from invardiff.schedules import gate_plan, spaced_gate
 
