@@ -63,8 +63,10 @@ def held_out_sets(calls: Calls, selection: Calls | None = None, certification: C
 
 def _condition(call: dict[str, Any]) -> Any:
     """The call's single condition (a class label or a prompt string), or None when it has
-    several (a batch of its own, drawn from one generator) or draws several images."""
-    if int(call.get("num_images_per_prompt") or 1) != 1:
+    several (a batch of its own, drawn from one generator), draws several images or carries
+    other per-sample inputs (``prompt_2``, embeddings: a pipeline would not batch them along)."""
+    if int(call.get("num_images_per_prompt") or 1) != 1 or any(k.startswith("prompt_") or k.endswith("embeds")
+                                                               for k in call):  # fmt: skip
         return None
     if isinstance(call.get("prompt"), str):
         return call["prompt"]

@@ -255,7 +255,9 @@ def test_calls_merge_only_when_they_differ_in_seed_and_a_single_condition():
                                     [10, 11, 12])  # fmt: skip
     prompts = [{"prompt": p, "num_inference_steps": 8, "seed": s} for p, s in (("a cat", 3), ("a dog", 1))]
     assert merge_calls(prompts) == ({"num_inference_steps": 8, "prompt": ["a cat", "a dog"]}, [3, 1])
-    for mixed in ([one[0], several], [one[0], other]):
+    second = [{**call, "prompt_2": "a photo"} for call in prompts]  # FLUX would not batch prompt_2 along
+    assert batches(second, 8) == [[0], [1]]
+    for mixed in ([one[0], several], [one[0], other], second):
         with pytest.raises(ValueError, match="only calls with one class label or prompt"):
             merge_calls(mixed)
     assert default_batch(16 * 16) == 8 and default_batch(1024 * 1024) == 2 and default_batch(4096 * 4096) == 1
