@@ -35,6 +35,11 @@ def is_class_conditional(model: ModelInfo) -> bool:
     return (model.pipeline or ("DiTPipeline" if model.arch == "dit" else "")) in CLASS_PIPELINES
 
 
+def is_local(source: str) -> bool:
+    """Whether ``source`` names a local folder (neither built-in nor on the hub)."""
+    return builtin_name(source) is None and not source.startswith("hf://")
+
+
 def checkpoint_path(source: str, revision: str | None) -> Path | None:
     """The local directory of a checkpoint (None for built-in models)."""
     name = builtin_name(source)
@@ -48,7 +53,7 @@ def checkpoint_path(source: str, revision: str | None) -> Path | None:
         return _hf_snapshot(source.removeprefix("hf://"), revision)
     path = Path(source.removeprefix("file://")).expanduser()
     if not (path / "model_index.json").is_file():
-        raise NotFound(f"{source} is not a diffusers pipeline directory (no model_index.json)")
+        raise InvalidInput(f"{source} is not a diffusers pipeline directory (no model_index.json)")
     return path
 
 
