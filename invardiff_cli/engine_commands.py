@@ -141,13 +141,20 @@ def demo(model: str, trajectories: int, guidance: float | None, batch: int, repe
     emit(as_json, result, render(result))
 
 
+def _in_a_folder(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """Refuse an output file whose folder does not exist, before any work."""
+    if not value.parent.is_dir():
+        raise click.BadParameter(f"folder {str(value.parent)!r} does not exist", ctx, param)
+    return value
+
+
 @main.command()
 @model_option
 @_rule_options
 @trajectories_option
 @guidance_option
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              metavar="FILE", help="where to write the plan (JSON)")  # fmt: skip
+              callback=_in_a_folder, metavar="FILE", help="where to write the plan (JSON)")  # fmt: skip
 @json_option
 def calibrate(model: str, trajectories: int, guidance: float | None, out: Path, as_json: bool,
               **given: Any) -> None:  # fmt: skip

@@ -273,7 +273,9 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option(
-    "--status", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"])
+    "--status",
+    type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]),
+    help="Only the jobs in this state.",
 )
 @click.option("--model", "model_name", help="Only this model alias's jobs.")
 @json_option

@@ -36,8 +36,14 @@ def is_class_conditional(model: ModelInfo) -> bool:
 
 
 def is_local(source: str) -> bool:
-    """Whether ``source`` names a local folder (neither built-in nor on the hub)."""
-    return builtin_name(source) is None and not source.startswith("hf://")
+    """Whether ``source`` evidently names a local folder: ``file://``, an absolute, ``~`` or
+    ``./`` path, or a path that exists (a bare ``org/name`` may be meant for the hub)."""
+    if source.startswith("file://"):
+        return True
+    if builtin_name(source) is not None or source.startswith("hf://"):
+        return False
+    path = Path(source).expanduser()
+    return path.is_absolute() or source.startswith(("./", "../")) or path.exists()
 
 
 def checkpoint_path(source: str, revision: str | None) -> Path | None:
