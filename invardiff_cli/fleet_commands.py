@@ -286,7 +286,9 @@ def jobs_list(
     """List calibration jobs, newest first."""
     from registry.jobs import list_jobs
 
-    rows = [j.to_json(with_request=False) for j in list_jobs(open_registry(ctx), status, model_name)]
+    rows = [
+        j.to_json(with_request=False) for j in list_jobs(open_registry(ctx), status, model_name)
+    ]
     lines = [
         f"{r['job_key'][:12]}  {r['status']:<9} {r['model']:<16} attempts {r['attempts']}  "
         f"v{(r['result'] or {}).get('version', '-')}  {r['created_at']}{_progress_text(r)}"

@@ -11,7 +11,9 @@ from . import fleet_commands, registry_commands, schedule_commands
 from .base import Main
 
 
-@click.group("invardiff-registry", cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "invardiff-registry", cls=Main, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option("--database-url", metavar="URL", help="SQLAlchemy URL [env INVARDIFF_DATABASE_URL].")
 @click.option(
     "--store-url",
@@ -73,4 +75,3 @@ for _command in (
     schedule_commands.recalibrate,
 ):
     registry_main.add_command(_command)
-

@@ -30,6 +30,7 @@ from .base import (
     open_registry,
 )
 
+
 # ---- schema ------------------------------------------------------------------------------
 @command()
 @json_option

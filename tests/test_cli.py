@@ -135,8 +135,8 @@ def test_psnr_targets_take_the_new_and_the_deprecated_spelling(
         assert exit_info.value.code == 2 and f"{flag} {message}" in err[-1]
         warnings = [line for line in err if "deprecated" in line]
         if flag == old:
-            assert warnings == [f"invardiff: warning: {old} is deprecated: it is spelled {new} "
-                                "(the --min-* flags are quality gates in invardiff-registry)"]  # fmt: skip
+            assert warnings == [(f"invardiff: warning: {old} is deprecated: it is spelled {new} "
+                                 "(the --min-* flags are quality gates in invardiff-registry)")]  # fmt: skip
         else:
             assert warnings == [] and len(err) == 1
     with pytest.raises(SystemExit):

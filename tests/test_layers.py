@@ -80,7 +80,9 @@ def test_an_upward_import_is_found(tmp_path: Path):
     for package in (*BELOW, "invardiff_cli"):
         (tmp_path / package).mkdir()
     (tmp_path / "registry" / "cli.py").write_text("from invardiff_cli.registry_app import main\n")
-    (tmp_path / "registry" / "jobs.py").write_text("import os\n\ndef f():\n    import workers.driver\n")
+    (tmp_path / "registry" / "jobs.py").write_text(
+        "import os\n\ndef f():\n    import workers.driver\n"
+    )
     (tmp_path / "workers" / "pool.py").write_text(
         "import importlib\nimportlib.import_module('invardiff_cli.fleet_commands')\n"
     )
