@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     A shim kept for ``python -m invardiff.cli`` and callers of ``invardiff.cli.main``: the
     command line is assembled in the top-level ``invardiff_cli`` package, so this is an upward
-    import, allowed for this function alone (tests/test_layers.py).
+    import, allowed for this shim alone (tests/test_layers.py).
     """
     from invardiff_cli.engine_commands import invardiff_main
 
