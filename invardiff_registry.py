@@ -49,14 +49,15 @@ def shadowed_package() -> str | None:
 
 
 def main() -> None:
-    """Run ``invardiff-registry`` (:func:`registry.cli.main`) once its packages are checked."""
+    """Run ``invardiff-registry`` (:data:`invardiff_cli.registry_app.registry_main`) once its packages
+    are checked."""
     problem = shadowed_package()
     if problem is not None:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         sys.exit(1)
-    from registry.cli import main as registry_main
+    from invardiff_cli.registry_app import registry_main
 
-    registry_main()
+    registry_main(prog_name=PROG)
 
 
 if __name__ == "__main__":

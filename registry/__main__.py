@@ -1,5 +1,6 @@
-"""``python -m registry``: the same as ``invardiff-registry``."""
+"""``python -m registry``: the same as ``invardiff-registry`` (a shim: the command line is
+assembled in the top-level ``invardiff_cli`` package; allowed upward import)."""
 
-from .cli import main
+from invardiff_cli.registry_app import registry_main
 
-main()
+registry_main(prog_name="invardiff-registry")

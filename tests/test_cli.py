@@ -95,3 +95,79 @@ def test_render_nests_mappings_and_lists_for_people():
         "      value: raw",
         "  ok:      true",
     ]
+
+
+# ---- the command layer's conventions (no calibration runs: every case is refused first) ----
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--guidance", "nan"], "'--guidance': 'nan' is not a finite number"),
+     (["--guidance", "inf"], "'--guidance': 'inf' is not a finite number"),
+     (["--trajectories", "x"], "'--trajectories': 'x' is not an integer"),
+     (["--out", "/nonexistent-folder/plan.json"], "folder '/nonexistent-folder' does not exist"),
+     (["--target-psnr", "30", "--min-psnr", "30"], "give --target-psnr (or its old spelling --min-psnr), not both")],
+)  # fmt: skip
+def test_calibrate_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "plan.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["calibrate", "demo"])
+@pytest.mark.parametrize(
+    ("new", "old", "value", "message"),
+    [("--target-psnr", "--min-psnr", "-3", "must be a positive"),
+     ("--target-psnr-p5", "--min-psnr-p5", "0", "must be a positive")],
+)  # fmt: skip
+def test_psnr_targets_take_the_new_and_the_deprecated_spelling(
+    tmp_path, capsys, command, new, old, value, message
+):
+    """Both spellings reach the same target check, which names the flag given; the old one
+    also warns, in one line, that it is deprecated."""
+    out = ["--out", str(tmp_path / "plan.json")] if command == "calibrate" else []
+    for flag in (new, old):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *out, flag, value])
+        err = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 2 and f"{flag} {message}" in err[-1]
+        warnings = [line for line in err if "deprecated" in line]
+        if flag == old:
+            assert warnings == [(f"invardiff: warning: {old} is deprecated: it is spelled {new} "
+                                 "(the --min-* flags are quality gates in invardiff-registry)")]  # fmt: skip
+        else:
+            assert warnings == [] and len(err) == 1
+    with pytest.raises(SystemExit):
+        main([command, *out, "--mode", "reference", new, "30"])
+    assert "need mode='budget'" in capsys.readouterr().err
+
+
+def test_help_names_the_targets_not_the_deprecated_spellings(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = capsys.readouterr().out
+    assert "--target-psnr DB" in text and "--target-psnr-p5 DB" in text and "--json" in text
+    assert "--min-psnr" not in text
+
+
+def test_show_of_a_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["show", str(tmp_path / "missing.json"), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("invardiff: error: cannot read plan ")
+
+
+def test_python_m_invardiff_runs_the_same_command(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = official_plan_files("flux")[0]
+    result = subprocess.run([sys.executable, "-m", "invardiff", "show", str(path), "--json"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sha256"] == invardiff.load_plan(path).sha256

@@ -35,6 +35,17 @@ def is_class_conditional(model: ModelInfo) -> bool:
     return (model.pipeline or ("DiTPipeline" if model.arch == "dit" else "")) in CLASS_PIPELINES
 
 
+def is_local(source: str) -> bool:
+    """Whether ``source`` evidently names a local folder: ``file://``, an absolute, ``~`` or
+    ``./`` path, or a path that exists (a bare ``org/name`` may be meant for the hub)."""
+    if source.startswith("file://"):
+        return True
+    if builtin_name(source) is not None or source.startswith("hf://"):
+        return False
+    path = Path(source).expanduser()
+    return path.is_absolute() or source.startswith(("./", "../")) or path.exists()
+
+
 def checkpoint_path(source: str, revision: str | None) -> Path | None:
     """The local directory of a checkpoint (None for built-in models)."""
     name = builtin_name(source)
@@ -48,7 +59,7 @@ def checkpoint_path(source: str, revision: str | None) -> Path | None:
         return _hf_snapshot(source.removeprefix("hf://"), revision)
     path = Path(source.removeprefix("file://")).expanduser()
     if not (path / "model_index.json").is_file():
-        raise NotFound(f"{source} is not a diffusers pipeline directory (no model_index.json)")
+        raise InvalidInput(f"{source} is not a diffusers pipeline directory (no model_index.json)")
     return path
 
 

@@ -233,11 +233,14 @@ def test_an_unloadable_folder_is_refused_before_any_worker_starts(home, tmp_path
         "unknown-component": "invardiff.models.digits.NoSuchModule cannot be imported",
     }
     for how, message in expected.items():
-        folder = _broken(saved_folders["digits-flux"], tmp_path, how)
+        folder = tmp_path / how  # loadable when added (models add checks it), broken after
+        shutil.copytree(saved_folders["digits-flux"], folder)
         added = runner.invoke(main, ["models", "add", how, str(folder), "--arch", "flux",
                                      "--pipeline", "DigitsFluxPipeline", "--resolution", "16",
                                      "--steps", "8"])  # fmt: skip
         assert added.exit_code == 0, added.stderr
+        shutil.rmtree(folder)
+        _broken(saved_folders["digits-flux"], tmp_path, how)
         result = runner.invoke(main, ["calibrate", how, "16", *QUICK, "--json"])
         assert result.exit_code == 2, (how, result.stderr)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -247,6 +250,31 @@ def test_an_unloadable_folder_is_refused_before_any_worker_starts(home, tmp_path
     from registry.jobs import list_jobs
 
     assert list_jobs(registry) == [] and list(registry.store.list("jobs/")) == []
+
+
+def test_models_add_refuses_an_unloadable_folder_and_registers_nothing(home, tmp_path,
+                                                                    saved_folders):  # fmt: skip
+    """The check calibrate makes before any worker, made when the folder is added (exit 2)."""
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expected = {
+        "no-weights": "component 'transformer' has no weights",
+        "unknown-pipeline": "pipeline class 'NoSuchPipeline' is neither",
+        "unknown-component": "invardiff.models.digits.NoSuchModule cannot be imported",
+    }
+    folders = {how: _broken(saved_folders["digits-flux"], tmp_path, how) for how in expected}
+    folders["empty"] = empty
+    expected["empty"] = "is not a diffusers pipeline directory (no model_index.json)"
+    for how, folder in folders.items():
+        added = runner.invoke(main, ["models", "add", how, str(folder), "--arch", "flux"])
+        assert added.exit_code == 2, (how, added.stderr)
+        assert expected[how] in added.stderr and len(added.stderr.strip().splitlines()) == 1
+    listed = runner.invoke(main, ["models", "list", "--json"])
+    assert {m["name"] for m in json.loads(listed.stdout)} == {m.name for m in BUILTIN_MODELS}
+    good = runner.invoke(main, ["models", "add", "saved", str(saved_folders["digits-flux"]),
+                                "--arch", "flux", "--pipeline", "DigitsFluxPipeline"])  # fmt: skip
+    assert good.exit_code == 0, good.stderr
 
 
 def test_jobs_list_shows_a_running_jobs_progress_and_eta(home):

@@ -641,6 +641,15 @@ def test_top_level_help_lists_every_documented_exit_code():
     assert documented & signals == signals and documented - signals == listed == defined == set(range(11))
 
 
+def test_top_level_help_lists_the_signal_exit_codes():
+    """130 and 143 (docs/fleet.md), after the error codes: an interrupted driver's exits."""
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    signals = result.stdout.split("Exit codes:")[1].split("\n\n")[1].splitlines()
+    assert [line.split()[0] for line in signals[1:]] == ["130", "143"]
+    assert "SIGINT" in signals[1] and "SIGTERM" in signals[2]
+
+
 def test_help_explains_every_option_without_internal_notes():
     import click
 
@@ -652,7 +661,7 @@ def test_help_explains_every_option_without_internal_notes():
         if isinstance(command, click.Group):
             commands += [(f"{name} {n}", command.get_command(ctx, n)) for n in command.list_commands(ctx)]
             continue
-        if command.callback.__module__.startswith("registry.") or name == "calibrate":
+        if command.callback.__module__.startswith(("registry.", "invardiff_cli.")) or name == "calibrate":
             seen += 1
             assert all(p.help for p in command.params if isinstance(p, click.Option)), name
     assert seen >= 15

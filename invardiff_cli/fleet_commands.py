@@ -1,8 +1,7 @@
-"""``invardiff-registry calibrate`` and ``invardiff-registry jobs`` (see docs/fleet.md).
+"""The fleet's commands of ``invardiff-registry``: ``calibrate`` and ``jobs`` (see docs/fleet.md).
 
-The registry's command group loads these lazily by name, so ``invardiff-registry --help``
-and ``fetch`` never import Ray or torch: only click and light registry modules are imported
-here at module level.
+Only click and light modules at module level, so ``invardiff-registry --help`` and ``fetch``
+never import Ray or torch.
 """
 
 from __future__ import annotations
@@ -15,11 +14,22 @@ from typing import Any
 
 import click
 
-from registry.cli import FINITE, RESOLUTION, STEPS, _emit, _log, _registry, json_option
 from registry.errors import InvalidInput
 from registry.matching import Resolution
+from workers.errors import QualityGateFailed
 
-from .errors import QualityGateFailed
+from .base import (
+    FINITE,
+    RESOLUTION,
+    STEPS,
+    command,
+    emit,
+    error_object,
+    group,
+    json_option,
+    log,
+    open_registry,
+)
 
 QUANTILE_KINDS = ("attn", "mlp", "ff", "context_attn", "context_ff", "single_attn", "single_mlp")
 LEASE_ENV = "INVARDIFF_JOB_LEASE_S"
@@ -63,40 +73,25 @@ def _lease_seconds() -> float:
     return value
 
 
-def _json_errors(command: Callable[..., None]) -> Callable[..., None]:
+def _json_errors(callback: Callable[..., None]) -> Callable[..., None]:
     """With ``--json``, a failure also prints ``{"error", "exit_code"}`` on stdout (a failed
     quality gate has printed its result already), so that the output always parses."""
 
-    @functools.wraps(command)
+    @functools.wraps(callback)
     def run(ctx: click.Context, *args: Any, **kwargs: Any) -> None:
         try:
-            command(ctx, *args, **kwargs)
+            callback(ctx, *args, **kwargs)
         except QualityGateFailed:
             raise
         except Exception as exc:
             if kwargs.get("as_json"):
-                _emit(True, _error_object(ctx, exc))
+                emit(True, error_object(exc))
             raise
 
     return run
 
 
-def _error_object(ctx: click.Context, exc: Exception) -> dict[str, Any]:
-    """``{"error": message, "exit_code": N}`` of a failed ``calibrate --json`` (credentials
-    masked, as on stderr)."""
-    from registry.errors import GENERIC, RegistryError
-    from registry.validation import mask_secrets, url_secrets
-
-    urls = [ctx.obj.get("database_url"), os.environ.get("INVARDIFF_DATABASE_URL"),
-            os.environ.get("INVARDIFF_S3_ENDPOINT_URL")]  # fmt: skip
-    secrets = [secret for url in urls for secret in url_secrets(url)]
-    secrets += [v for v in (os.environ.get("AWS_SECRET_ACCESS_KEY"),) if v]
-    code = exc.exit_code if isinstance(exc, RegistryError) else GENERIC
-    message = str(exc) if isinstance(exc, RegistryError) else f"unexpected {type(exc).__name__}"
-    return {"error": mask_secrets(" ".join(message.split()), secrets), "exit_code": code}
-
-
-@click.command()
+@command()
 @click.argument("model")
 @click.argument("resolution", type=RESOLUTION)
 @click.option("--steps", type=STEPS, help="Step count (default: the model's).")
@@ -196,9 +191,9 @@ def calibrate(
     the registry's: 8 quality gate failed (published, not promoted), 9 job failed, 10 job
     running elsewhere (--no-wait).
     """
-    from .driver import RunOptions, submit
-    from .options import check_options
-    from .request import build_request
+    from workers.driver import RunOptions, submit
+    from workers.options import check_options
+    from workers.request import build_request
 
     if promote_alias is not None:
         from registry.matching import check_name
@@ -207,7 +202,7 @@ def calibrate(
     options = RunOptions(
         workers=workers, ray_address=ray_address, cpus_per_worker=worker_cpus,
         lease_seconds=_lease_seconds(), wait=not no_wait, min_psnr=min_psnr,
-        min_speedup=min_speedup, promote=promote_alias, report=report, progress=_log,
+        min_speedup=min_speedup, promote=promote_alias, report=report, progress=log,
     )  # fmt: skip
     check_options(options)  # before the registry is opened (or created): nothing written
     budget = {"target_speedup": params.pop("target_speedup"), "min_psnr": params.pop("target_psnr"),
@@ -221,7 +216,7 @@ def calibrate(
         validate=validate, repeats=repeats, budget=budget,
     )  # fmt: skip
     result = submit(registry, request, options).to_json()
-    _emit(as_json, result, _describe(result))
+    emit(as_json, result, _describe(result))
     if not result["gate"]["passed"]:
         raise QualityGateFailed(
             f"quality gate failed: {'; '.join(result['gate']['reasons'])} (published, not promoted)"
@@ -240,11 +235,11 @@ def _embedded_or_configured(ctx: click.Context):
     if not configured:
         from registry import db
 
-        registry = _registry(ctx, create=True, check_schema=False)
+        registry = open_registry(ctx, create=True, check_schema=False)
         if db.current_revision(registry.engine) is None:
-            _log(f"creating the embedded registry ({db.display_url(str(registry.engine.url))})")
+            log(f"creating the embedded registry ({db.display_url(str(registry.engine.url))})")
             registry.init()
-    return _registry(ctx)
+    return open_registry(ctx)
 
 
 def _describe(result: dict[str, Any]) -> str:
@@ -271,14 +266,16 @@ def _describe(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.group()
+@group()
 def jobs() -> None:
     """Calibration jobs: status, attempts, shard progress, timings, result."""
 
 
 @jobs.command("list")
 @click.option(
-    "--status", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"])
+    "--status",
+    type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]),
+    help="Only the jobs in this state.",
 )
 @click.option("--model", "model_name", help="Only this model alias's jobs.")
 @json_option
@@ -289,13 +286,15 @@ def jobs_list(
     """List calibration jobs, newest first."""
     from registry.jobs import list_jobs
 
-    rows = [j.to_json(with_request=False) for j in list_jobs(_registry(ctx), status, model_name)]
+    rows = [
+        j.to_json(with_request=False) for j in list_jobs(open_registry(ctx), status, model_name)
+    ]
     lines = [
         f"{r['job_key'][:12]}  {r['status']:<9} {r['model']:<16} attempts {r['attempts']}  "
         f"v{(r['result'] or {}).get('version', '-')}  {r['created_at']}{_progress_text(r)}"
         for r in rows
     ]
-    _emit(as_json, rows, "\n".join(lines) or "no jobs")
+    emit(as_json, rows, "\n".join(lines) or "no jobs")
 
 
 def _progress_text(job: dict[str, Any]) -> str:
@@ -323,7 +322,7 @@ def jobs_show(ctx: click.Context, job: str, as_json: bool) -> None:
 
     from registry.jobs import get_job, history
 
-    registry = _registry(ctx)
+    registry = open_registry(ctx)
     data = get_job(registry, job).to_json()
     data["history"] = history(registry, data["job_key"])
     lines = [f"{k}: {json.dumps(v, default=str)}" for k, v in data.items() if k != "history"]
@@ -333,7 +332,7 @@ def jobs_show(ctx: click.Context, job: str, as_json: bool) -> None:
         + (f": {e['detail']}" if e.get("detail") else "")
         for e in data["history"]
     ]
-    _emit(as_json, data, "\n".join(lines))
+    emit(as_json, data, "\n".join(lines))
 
 
 @jobs.command("reset")
@@ -347,7 +346,7 @@ def jobs_reset(ctx: click.Context, job: str, drop_shards: bool, as_json: bool) -
     driver holds the job's live lease (exit 7)."""
     from registry.jobs import reset
 
-    registry = _registry(ctx)
+    registry = open_registry(ctx)
     info = reset(registry, job)
     dropped = 0
     if drop_shards:
@@ -355,4 +354,4 @@ def jobs_reset(ctx: click.Context, job: str, drop_shards: bool, as_json: bool) -
             registry.store.delete(item.key)
             dropped += 1
     data = {"job_key": info.job_key, "status": info.status, "shards_deleted": dropped}
-    _emit(as_json, data, f"job {info.job_key[:12]} reset to pending ({dropped} shard(s) deleted)")
+    emit(as_json, data, f"job {info.job_key[:12]} reset to pending ({dropped} shard(s) deleted)")

@@ -1,14 +1,14 @@
-"""``invardiff-registry recalibrate``: submit the calibrations that are due (docs/fleet-ops.md).
-
-Loaded lazily by the registry's command group; only click and light modules at module level.
+"""The schedule's command of ``invardiff-registry``: ``recalibrate`` submits the calibrations
+that are due (docs/fleet-ops.md). Only click and light modules at module level.
 """
 
 from __future__ import annotations
 
 import click
 
-from registry.cli import FINITE, _emit, _log, _registry, json_option
 from registry.validation import MAX_MIN_AGE
+
+from .base import FINITE, command, emit, json_option, log, open_registry
 
 MAX_AGE_DAYS = MAX_MIN_AGE.days
 
@@ -19,7 +19,7 @@ def _check_max_age(ctx: click.Context, param: click.Parameter, value: float | No
     return value
 
 
-@click.command()
+@command()
 @click.option("--due", is_flag=True, help="Find the stale plans and submit their calibrations.")
 @click.option(
     "--max-age",
@@ -82,27 +82,27 @@ def recalibrate(
                 "--promote moves an alias only through the quality gate: "
                 "give --min-psnr and/or --min-speedup"
             )
-    from .schedule import InProcess, current_policy, dispatcher_for, recalibrate_due, run_job
+    from workers.schedule import InProcess, current_policy, dispatcher_for, recalibrate_due, run_job
 
-    registry = _registry(ctx)
-    settings = {"workers": workers, "promote": promote_alias, "progress": _log, "gate": gate}
+    registry = open_registry(ctx)
+    settings = {"workers": workers, "promote": promote_alias, "progress": log, "gate": gate}
     if job_ref is not None:
         result = run_job(registry, job_ref, InProcess(ray_address=ray_address, **settings))
-        _emit(as_json, result, f"job {result['job_key'][:12]}: {result['action']}")
+        emit(as_json, result, f"job {result['job_key'][:12]}: {result['action']}")
         if result["action"] == "failed":
-            from .errors import JobFailed
+            from workers.errors import JobFailed
 
             raise JobFailed(result["error"])
         _gate_exit([result])
         return
     dispatcher = dispatcher_for(ray_address, **settings)  # a dry run asks, never submits
-    result = recalibrate_due(registry, current_policy(max_age), dispatcher, _log, dry_run)
+    result = recalibrate_due(registry, current_policy(max_age), dispatcher, log, dry_run)
     lines = [
         f"{e['action']:<17} {e['model']:<16} {e['resolution']:>10} {e['target']['steps']:>4} steps  "
         f"{','.join(e['reasons'])}  {(e.get('job_key') or '-')[:12]}"
         for e in result["due"]
     ]
-    _emit(as_json, result, "\n".join(lines) or "nothing is due")
+    emit(as_json, result, "\n".join(lines) or "nothing is due")
     failed = [e for e in result["due"] if e["action"] in ("error", "failed")]
     resubmitted = [e for e in result["due"] if e["action"] in ("resubmitted", "would_resubmit")]
     problems = []
@@ -124,7 +124,7 @@ def _gate_exit(entries: list[dict]) -> None:
     """Exit 8 when a plan calibrated here is below the gate (recorded, not served or promoted)."""
     below = [e for e in entries if e["action"] == "gate_failed"]
     if below:
-        from .errors import QualityGateFailed
+        from workers.errors import QualityGateFailed
 
         reasons = "; ".join(r for e in below for r in e["gate"]["reasons"])
         raise QualityGateFailed(
