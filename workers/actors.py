@@ -17,8 +17,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from registry.checkpoints import checkpoint_id
 from registry.errors import NotFound
-from registry.service import checkpoint_id
 from registry.store import open_store
 
 from .pipelines import load_pipeline

@@ -41,8 +41,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
+from ..builtins import IMAGE_SIZE
+
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-IMAGE_SIZE = 16
 NUM_CLASSES = 10
 DIT_NULL_CLASS = 1000
 FLUX_NULL_CLASS = NUM_CLASSES
@@ -80,7 +81,6 @@ FLUX_CONFIG: dict[str, Any] = {
 }
 FLUX_CONTEXT_TOKENS = 4
 # Guidance scale of the documented quality figures, the quality tests and the sample grids.
-QUALITY_GUIDANCE = {"digits-dit": 1.25, "digits-flux": 1.1}
 FLUX_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 # FLUX.1-dev's scheduler config (its scheduler/scheduler_config.json): with dynamic shifting the
 # shift is exp(mu), mu linear in the image sequence length (``shift`` is then unused).
