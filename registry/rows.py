@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .matching import ModelInfo, TargetEntry, TargetKey, VersionInfo
 from .models import ModelAlias, PlanTarget, PlanVersion
 
+T = TypeVar("T")
+
 
 def model_info(row: ModelAlias) -> ModelInfo:
     """The model alias of a row."""
-    return ModelInfo(**{f.name: getattr(row, f.name) for f in fields(ModelInfo)})
+    return _fields_of(row, ModelInfo)
 
 
 def target_key(row: PlanTarget) -> TargetKey:
     """The matching key of a plan target row."""
-    return TargetKey(**{name: getattr(row, name) for name in TargetKey.__dataclass_fields__})
+    return _fields_of(row, TargetKey)
 
 
 def version_info(row: PlanVersion) -> VersionInfo:
     """The plain data of a plan version row."""
-    return VersionInfo(
-        version=row.version,
-        sha256=row.sha256,
-        size=row.size,
-        object_key=row.object_key,
-        status=row.status,
-        format_version=row.format_version,
-    )
+    return _fields_of(row, VersionInfo)
 
 
 def target_entry(target: PlanTarget) -> TargetEntry:
@@ -38,6 +33,11 @@ def target_entry(target: PlanTarget) -> TargetEntry:
         versions=tuple(version_info(v) for v in target.versions),
         aliases={a.name: a.plan_version.version for a in target.aliases},
     )
+
+
+def _fields_of(row: Any, kind: type[T]) -> T:
+    """The dataclass ``kind`` of the row's columns of the same names."""
+    return kind(**{f.name: getattr(row, f.name) for f in fields(kind)})  # type: ignore[arg-type]
 
 
 def equals(column: Any, value: Any) -> Any:
