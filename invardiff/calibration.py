@@ -309,7 +309,7 @@ def calibrate(
     run = runner or pipeline_runner(pipeline)
     say = progress or (lambda message: None)
     if mode == "budget":
-        from .targeted import calibrate_to_budget
+        from .budget_calibration import calibrate_to_budget
 
         targets = {"target_speedup": target_speedup, "min_psnr": min_psnr, "min_psnr_p5": min_psnr_p5}
         return calibrate_to_budget(pipeline, transformer, run, calls, steps, settings, targets=targets,
