@@ -163,8 +163,8 @@ class CalibrationWorker:
         """What the driver's budget search starts from (``invardiff.budget.budget_plan``): the
         all-compute template plan (target, layer counts, geometry) and the provenance record
         (``invardiff.budget_calibration.budget_record``, as in-process)."""
-        from invardiff.calibration import TrajectoryStats
         from invardiff.budget_calibration import budget_record, template_plan
+        from invardiff.calibration import TrajectoryStats
 
         request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
         template = template_plan(self.pipe, request.calls, stats,
