@@ -66,6 +66,7 @@ def test_end_to_end_json_shapes(cli, tmp_path: Path):
     assert [m["name"] for m in ok_json(cli("models", "list", "--json"))] == [
         "digits-dit",
         "digits-flux",
+        "digits-flux-shifted",
         "flux-dev",
     ]
     assert ok_json(cli("models", "show", "flux-dev", "--json"))["arch"] == "flux"
