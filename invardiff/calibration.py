@@ -311,7 +311,7 @@ def calibrate(
     run = runner or pipeline_runner(pipeline)
     say = progress or (lambda message: None)
     if mode == "budget":
-        from .targeted import calibrate_to_budget
+        from .budget_calibration import calibrate_to_budget
 
         targets = {"target_speedup": target_speedup, "min_psnr": min_psnr, "min_psnr_p5": min_psnr_p5}
         return calibrate_to_budget(pipeline, transformer, run, calls, steps, settings, targets=targets,
@@ -376,10 +376,16 @@ def calibration_mode(
         raise ValueError("target_speedup and min_psnr need mode='budget' (the reference rules take quantiles)")
     if mode == "budget":
         check_targets(target_speedup, min_psnr, min_psnr_p5)
-        rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
-        if rules:
-            raise ValueError(f"{', '.join(rules)} apply to mode='reference' only, not to a budget")
+        check_no_rules(params, preset)
     return mode
+
+
+def check_no_rules(params: dict, preset: str | None) -> None:
+    """A budget replaces the reference rules: ValueError for a rule parameter other than
+    ``flag_index``, or a ``preset``."""
+    rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
+    if rules:
+        raise ValueError(f"{', '.join(rules)} apply to mode='reference' only, not to a budget")
 
 
 def provenance(calls: list[dict[str, Any]], params: CalibrationParams) -> dict[str, Any]:
@@ -389,7 +395,7 @@ def provenance(calls: list[dict[str, Any]], params: CalibrationParams) -> dict[s
         "params": params.to_json(),
         "trajectories": len(calls),
         "calls": [_jsonable(c) for c in calls],
-        "libraries": _library_versions(),
+        "libraries": library_versions(),
     }
 
 
@@ -449,7 +455,8 @@ def _shared(calls: list[dict[str, Any]], key: str) -> Any:
     return calls[0].get(key)
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a calibration depends on."""
     import diffusers
 
     from . import __version__

@@ -75,8 +75,9 @@ def run_demo(
     model: str, rules: dict, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
 ) -> dict:
     """Calibrate ``model`` in-process with ``rules``, then time and compare full vs cached generation."""
-    from . import cached, metrics
+    from . import metrics
     from .models import load_builtin
+    from .timing import time_full_vs_cached
 
     pipe = load_builtin(model)
     steps, default_guidance = builtin_settings(model)
@@ -86,16 +87,8 @@ def run_demo(
     calibration_s = time.perf_counter() - started
     preset = rules_label(rules)
     labels = [i % 10 for i in range(batch)]
-    full_s, cached_s = [], []
-    for r in range(repeats):  # interleaved, so machine noise hits both alike
-        t0 = time.perf_counter()
-        full = _generate(pipe, labels, steps, guidance, seed=r)
-        t1 = time.perf_counter()
-        with cached(pipe, plan):
-            fast = _generate(pipe, labels, steps, guidance, seed=r)
-        t2 = time.perf_counter()
-        full_s.append(t1 - t0)
-        cached_s.append(t2 - t1)
+    timed = time_full_vs_cached(pipe, plan, lambda r: _generate(pipe, labels, steps, guidance, seed=r), repeats)
+    full, fast = timed.full, timed.cached
     out.mkdir(parents=True, exist_ok=True)
     plan_path = plan.save(out / f"{model}-{preset}.plan.json")
     png = out / f"{model}-{preset}-full-vs-cached.png"
@@ -112,9 +105,9 @@ def run_demo(
         "sha256": plan.sha256,
         "png": str(png),
         "calibration_s": round(calibration_s, 2),
-        "full_s": round(float(np.median(full_s)), 4),
-        "cached_s": round(float(np.median(cached_s)), 4),
-        "speedup": round(float(np.median(full_s) / np.median(cached_s)), 3),
+        "full_s": round(timed.full_s, 4),
+        "cached_s": round(timed.cached_s, 4),
+        "speedup": round(timed.speedup, 3),
         "ideal_speedup": summary.ideal_speedup,
         "reused_steps": summary.reused_steps,
         "psnr_db": round(float(metrics.psnr(fast, full)), 2),

@@ -69,6 +69,17 @@ class PlanTarget:
     guidance: float | None = None
     dtype: str | None = None
 
+    def __post_init__(self) -> None:
+        # The one canonical form of a target (the registry publishes it unchanged, so a
+        # plan's sha256 never changes): an integral float side is an int, guidance a float
+        # with -0.0 as 0.0.
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, side, int(value))
+        if isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool):
+            object.__setattr__(self, "guidance", float(self.guidance) + 0.0)
+
     def to_json(self) -> dict:
         data = {
             "model_id": self.model_id,

@@ -234,11 +234,11 @@ def _download(
         store = open_store(config.store_url, config.s3_endpoint_url)
         resolved = StoreIndex(store).resolve(query)
     else:
-        from .service import Registry
+        from .reading import Reader
 
-        registry = Registry.open(config)
-        store = registry.store
-        resolved = registry.resolve(query)
+        reader = Reader.open(config)
+        store = reader.store
+        resolved = reader.resolve(query)
     version = resolved.version
     where = f"the answer from {store.url}"
     if not (isinstance(version.sha256, str) and version.object_key == blob_key(version.sha256)):

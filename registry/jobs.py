@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .errors import Conflict, InvalidInput, NotFound
-from .models import JOB_STATUSES, CalibrationJob, PlanTarget, PlanVersion, utcnow
+from .models import JOB_STATUSES, CalibrationJob, PlanTarget, PlanVersion
+from .stamps import aware, iso, utcnow
 from .validation import shown
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -70,17 +71,6 @@ class Claim:
     inserted: bool
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:  # SQLite returns naive UTC values
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment
-
-
-def _iso(moment: datetime | None) -> str | None:
-    moment = _aware(moment)
-    return None if moment is None else moment.isoformat()
-
-
 def job_info(row: CalibrationJob) -> JobInfo:
     """Plain data of a row."""
     return JobInfo(
@@ -94,17 +84,17 @@ def job_info(row: CalibrationJob) -> JobInfo:
         result=row.result,
         error=row.error,
         lease_holder=row.lease_holder,
-        heartbeat_at=_iso(row.heartbeat_at),
-        lease_expires_at=_iso(row.lease_expires_at),
-        created_at=_iso(row.created_at) or "",
-        started_at=_iso(row.started_at),
-        finished_at=_iso(row.finished_at),
+        heartbeat_at=iso(row.heartbeat_at),
+        lease_expires_at=iso(row.lease_expires_at),
+        created_at=iso(row.created_at) or "",
+        started_at=iso(row.started_at),
+        finished_at=iso(row.finished_at),
     )
 
 
 def lease_expired(row: CalibrationJob, now: datetime) -> bool:
     """Whether the row's lease has run out (no lease counts as expired)."""
-    expires = _aware(row.lease_expires_at)
+    expires = aware(row.lease_expires_at)
     return expires is None or expires <= now
 
 
@@ -274,7 +264,7 @@ def drop_failed_statistics(
     the shards afresh. Returns whether ``drop`` ran."""
     with registry.session() as session:
         row = _locked(session, job_key)
-        finished = None if row is None else _aware(row.finished_at)
+        finished = None if row is None else aware(row.finished_at)
         if row is None or row.status != "failed" or finished is None or finished > cutoff:
             return False
         drop()
@@ -324,7 +314,7 @@ def record(registry, job_key: str, event: str, detail: str = "", **extra: Any) -
         row = _locked(session, job_key)
         if row is None:
             return
-        entry = {"at": _iso(utcnow()), "event": event, "attempt": row.attempts, **extra}
+        entry = {"at": iso(utcnow()), "event": event, "attempt": row.attempts, **extra}
         if detail:
             entry["detail"] = detail[:2000]
         events = [*(row.lineage or {}).get("history", []), entry][-MAX_HISTORY:]
@@ -352,7 +342,7 @@ def reset(registry, ref: str) -> JobInfo:
                 f"job {job_key[:12]} is running under {row.lease_holder}'s live lease: "
                 "stop that driver or wait for its lease to expire"
             )
-        entry = {"at": _iso(utcnow()), "event": "reset", "attempt": row.attempts,
+        entry = {"at": iso(utcnow()), "event": "reset", "attempt": row.attempts,
                  "detail": f"was {row.status}"}  # fmt: skip
         events = [*(row.lineage or {}).get("history", []), entry][-MAX_HISTORY:]
         row.lineage = {**(row.lineage or {}), "history": events}

@@ -23,13 +23,14 @@ import hashlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
 from .errors import Conflict
-from .models import ObjectLease, PlanVersion, utcnow
+from .models import ObjectLease, PlanVersion
+from .stamps import aware, utcnow
 from .timeouts import lease_ttl
 
 Sessions = Callable[[], AbstractContextManager[Session]]
@@ -52,10 +53,7 @@ def _lock(session: Session, key: str) -> None:
 
 
 def _age(lease: ObjectLease) -> float:
-    created: datetime = lease.created_at
-    if created.tzinfo is None:  # SQLite returns naive UTC
-        created = created.replace(tzinfo=timezone.utc)
-    return (utcnow() - created).total_seconds()
+    return (utcnow() - aware(lease.created_at)).total_seconds()
 
 
 def _live_leases(session: Session, key: str, ttl: float) -> list[ObjectLease]:

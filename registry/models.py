@@ -6,7 +6,7 @@ when these models and the migrations' head drift apart.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -22,6 +22,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .stamps import utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -41,11 +43,6 @@ def one_of(column: str, values: tuple[str, ...]) -> str:
         if not value.replace("_", "").isalnum():
             raise ValueError(f"not a plain value for a CHECK constraint: {value!r}")
     return f"{column} IN (" + ", ".join(f"'{value}'" for value in values) + ")"
-
-
-def utcnow() -> datetime:
-    """Timezone-aware now, the default of every timestamp column."""
-    return datetime.now(timezone.utc)
 
 
 class Base(DeclarativeBase):

@@ -29,10 +29,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from .errors import InvalidInput
-from .jobs import _aware, _iso
 from .matching import READY, REVOKED, ModelInfo, TargetKey
-from .models import CalibrationJob, ModelAlias, PlanTarget, PlanVersion, utcnow
-from .service import _model_info, _target_key, _user
+from .models import CalibrationJob, ModelAlias, PlanTarget, PlanVersion
+from .rows import model_info, target_key
+from .stamps import aware, iso, user, utcnow
 
 REASONS = (
     "revision_changed",
@@ -100,8 +100,8 @@ class DuePlan:
                 "sha256": plan.sha256,
                 "version": plan.version,
                 "revision": plan.target.revision,
-                "created_at": _iso(plan.created_at),
-                "calibrated_at": _iso(plan.calibrated_at),
+                "created_at": iso(plan.created_at),
+                "calibrated_at": iso(plan.calibrated_at),
                 "job_key": plan.job_key,
                 "status": plan.status,
             },
@@ -137,13 +137,13 @@ def stale_reasons(plan: PlanState, policy: Policy) -> dict[str, Any]:
         }
         if changed:
             reasons["library_changed"] = changed
-    age = policy.now - _aware(plan.calibrated_at)
+    age = policy.now - aware(plan.calibrated_at)
     if policy.max_age is not None and age > policy.max_age:
         reasons["too_old"] = {"age_days": round(age / timedelta(days=1), 2)}
-    marked_at = _aware(plan.marked_at)
-    if marked_at is not None and marked_at >= _aware(plan.calibrated_at):
+    marked_at = aware(plan.marked_at)
+    if marked_at is not None and marked_at >= aware(plan.calibrated_at):
         reasons["marked"] = {
-            "at": _iso(marked_at),
+            "at": iso(marked_at),
             "by": plan.marked_by,
             "reason": plan.marked_reason,
         }
@@ -187,7 +187,7 @@ def plan_states(session: Session) -> list[PlanState]:
     }
     states = []
     for model_row in models:
-        model = _model_info(model_row)
+        model = model_info(model_row)
         newest: dict[tuple, PlanState] = {}
         for target in targets:
             latest = _latest(target) or _newest_revoked(target)
@@ -225,16 +225,16 @@ def _state(
 ) -> PlanState:
     job = jobs.get(latest.calibration_job_id) if latest.calibration_job_id else None
     calibration = (latest.lineage or {}).get("calibration") or {}
-    created = _aware(latest.created_at)
+    created = aware(latest.created_at)
     return PlanState(
         model=model,
-        target=_target_key(target),
+        target=target_key(target),
         version=latest.version,
         sha256=latest.sha256,
         created_at=created,
-        calibrated_at=max(created, _aware(last_job_at) or created),
+        calibrated_at=max(created, aware(last_job_at) or created),
         calibration=calibration if isinstance(calibration, dict) else {},
-        marked_at=_aware(latest.stale_marked_at),
+        marked_at=aware(latest.stale_marked_at),
         marked_by=latest.stale_marked_by,
         marked_reason=latest.stale_reason,
         job_key=job.job_key if job else calibration.get("job_key"),
@@ -266,7 +266,7 @@ def mark_stale(
     """Mark plan ``ref`` (the latest ready version of its target) for recalibration."""
     model = registry.model(model_name) if model_name else None
     with registry.session() as session:
-        row = registry._version_by_ref(session, ref, model)
+        row = registry.version_by_ref(session, ref, model)
         latest = _latest(row.target)
         if latest is None or latest.id != row.id:
             now = f"v{latest.version} ({latest.sha256[:12]})" if latest else "no ready version"
@@ -275,13 +275,13 @@ def mark_stale(
                 f"ready plan is {now}: only the latest plan is recalibrated, mark that one"
             )
         row.stale_marked_at = utcnow()
-        row.stale_marked_by = _user()
+        row.stale_marked_by = user()
         row.stale_reason = reason
         return {
             "sha256": row.sha256,
             "version": row.version,
-            "target": _target_key(row.target).to_json(),
-            "marked_at": _iso(row.stale_marked_at),
+            "target": target_key(row.target).to_json(),
+            "marked_at": iso(row.stale_marked_at),
             "marked_by": row.stale_marked_by,
             "reason": reason,
         }

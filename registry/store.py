@@ -366,19 +366,9 @@ class S3Store(ObjectStore):
             raise Unreachable(f"store {self.url}: bucket {self.bucket} does not exist") from None
 
     def put_new(self, key: str, data: bytes, sha256: str) -> bool:
-        from base64 import b64encode
-
-        checksum = b64encode(bytes.fromhex(sha256)).decode()
         for attempt in range(3):
             try:
-                self._call(
-                    "put_object",
-                    key,
-                    Key=self.prefix + key,
-                    Body=data,
-                    IfNoneMatch="*",
-                    ChecksumSHA256=checksum,
-                )
+                self._put_object(key, data, sha256, IfNoneMatch="*")
                 return True
             except _Precondition as exc:
                 if exc.status == 412:  # already there: write-once satisfied
@@ -387,16 +377,16 @@ class S3Store(ObjectStore):
         raise Unreachable(f"store {self.url}: concurrent writes to {key} kept conflicting")
 
     def put(self, key: str, data: bytes) -> None:
+        sha256 = hashlib.sha256(data).hexdigest()
+        self._put_object(key, data, sha256, ContentType="application/json")
+
+    def _put_object(self, key: str, data: bytes, sha256: str, **options: str) -> None:
+        """``put_object`` with the SHA-256 checksum the server verifies on receipt."""
         from base64 import b64encode
 
-        checksum = b64encode(hashlib.sha256(data).digest()).decode()
+        checksum = b64encode(bytes.fromhex(sha256)).decode()
         self._call(
-            "put_object",
-            key,
-            Key=self.prefix + key,
-            Body=data,
-            ContentType="application/json",
-            ChecksumSHA256=checksum,
+            "put_object", key, Key=self.prefix + key, Body=data, ChecksumSHA256=checksum, **options
         )
 
     def get(self, key: str) -> bytes:

@@ -17,8 +17,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from registry.checkpoints import checkpoint_id
 from registry.errors import NotFound
-from registry.service import checkpoint_id
 from registry.store import open_store
 
 from .pipelines import load_pipeline
@@ -162,9 +162,9 @@ class CalibrationWorker:
     def budget_start(self, phase1: list[bytes]) -> dict[str, Any]:
         """What the driver's budget search starts from (``invardiff.budget.budget_plan``): the
         all-compute template plan (target, layer counts, geometry) and the provenance record
-        (``invardiff.targeted.budget_record``, as in-process)."""
+        (``invardiff.budget_calibration.budget_record``, as in-process)."""
+        from invardiff.budget_calibration import budget_record, template_plan
         from invardiff.calibration import TrajectoryStats
-        from invardiff.targeted import budget_record, template_plan
 
         request, stats = self.request, [TrajectoryStats.from_bytes(b) for b in phase1]
         template = template_plan(self.pipe, request.calls, stats,
@@ -210,32 +210,24 @@ class CalibrationWorker:
         """
         import numpy as np
 
-        from invardiff import cached, metrics
+        from invardiff import metrics
         from invardiff.plan import CachePlan
+        from invardiff.timing import time_full_vs_cached
 
         plan = CachePlan.from_bytes(plan_bytes)
         call, seeds = batched_call(calls)
-        full_s, cached_s = [], []
         self._sample(call, seeds)  # warm-up, untimed
-        for _ in range(repeats):  # interleaved, so machine noise hits both alike
-            t0 = time.perf_counter()
-            full = self._sample(call, seeds)
-            t1 = time.perf_counter()
-            with cached(self.pipe, plan):
-                fast = self._sample(call, seeds)
-            t2 = time.perf_counter()
-            full_s.append(t1 - t0)
-            cached_s.append(t2 - t1)
-        full_median, cached_median = float(np.median(full_s)), float(np.median(cached_s))
+        timed = time_full_vs_cached(self.pipe, plan, lambda _: self._sample(call, seeds), repeats)
+        full, fast = timed.full, timed.cached
         psnr = float(metrics.psnr(fast, full))
         result = {
             "samples": len(seeds),
             "seeds": seeds,
             "repeats": repeats,
             "device": self.device,
-            "full_s": round(full_median, 4),
-            "cached_s": round(cached_median, 4),
-            "measured_speedup": round(full_median / cached_median, 3),
+            "full_s": round(timed.full_s, 4),
+            "cached_s": round(timed.cached_s, 4),
+            "measured_speedup": round(timed.speedup, 3),
             "ideal_speedup": round(plan.summary().ideal_speedup, 3),
             "psnr_db": round(psnr, 2) if np.isfinite(psnr) else None,
         }

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -573,11 +572,14 @@ def publish_under_gate(
     gate = quality_gate(measured, options.min_psnr, options.min_speedup)
     if options.min_psnr is not None or options.min_speedup is not None:
         measured["gate"] = gate  # the gate it was published under (``show``)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{request.job_key[:16]}.plan.json"
-        path.write_bytes(plan_bytes)
-        published = registry.publish(path, request.model, request.resolution, request.steps,
-                                     status=READY if gate["passed"] else FAILED_GATE)  # fmt: skip
+    published = registry.publish_bytes(
+        plan_bytes,
+        f"{request.job_key[:16]}.plan.json",
+        request.model,
+        request.resolution,
+        request.steps,
+        status=READY if gate["passed"] else FAILED_GATE,
+    )
     target_id, metrics = jobs.add_version_metrics(
         registry, published.version.sha256, published.target.key_hash, measured
     )

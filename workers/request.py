@@ -144,18 +144,10 @@ def shard_prefix(job_key: str, phase: int) -> str:
 
 def library_versions() -> dict[str, str]:
     """The calibrator and library versions a result depends on."""
-    import diffusers
-    import torch
-
-    import invardiff
     from invardiff.calibration import CALIBRATOR_VERSION
+    from invardiff.calibration import library_versions as libraries
 
-    return {
-        "calibrator": CALIBRATOR_VERSION,
-        "invardiff": invardiff.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }
+    return {"calibrator": CALIBRATOR_VERSION, **libraries()}
 
 
 def read_prompts(path: Path) -> tuple[list[str], str]:
@@ -349,9 +341,12 @@ def check_budget(
     except ValueError as exc:
         flags = str(exc).replace("target_speedup", "--target-speedup").replace("min_psnr", "--target-psnr")
         raise InvalidInput(flags.replace("_p5", "-p5")) from None
-    rules = sorted(set(params) - {"flag_index"}) + (["preset"] if preset else [])
-    if rules:
-        raise InvalidInput(f"{', '.join(rules)} apply to the reference rules, not to a budget")
+    from invardiff.calibration import check_no_rules
+
+    try:
+        check_no_rules(params, preset)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     return budget
 
 

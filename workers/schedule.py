@@ -36,8 +36,9 @@ from sqlalchemy import select
 
 from registry import jobs
 from registry.errors import NotFound, RegistryError, Unreachable
-from registry.models import CalibrationJob, utcnow
+from registry.models import CalibrationJob
 from registry.staleness import DuePlan, Policy, find_due
+from registry.stamps import utcnow
 
 from .request import CalibrationRequest, build_request, library_versions
 

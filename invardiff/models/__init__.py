@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
-from .digits import QUALITY_GUIDANCE, DigitsFluxPipeline, load_pipeline
+from ..builtins import BUILTIN_MODELS
+from .digits import DigitsFluxPipeline, load_pipeline
 from .tiny import (
     flux_rope_axes,
     tiny_dit_pipeline,
@@ -18,29 +19,6 @@ from .tiny import (
     tiny_flux_pipeline,
     tiny_flux_transformer,
 )
-
-# Each built-in model: its architecture, sampling protocol and the guidance scale of its
-# documented quality figures.
-BUILTIN_MODELS: dict[str, dict[str, object]] = {
-    "digits-dit": {
-        "architecture": "dit",
-        "scheduler": "DDIMScheduler",
-        "num_inference_steps": 50,
-        "guidance_scale": QUALITY_GUIDANCE["digits-dit"],
-    },
-    "digits-flux": {
-        "architecture": "flux",
-        "scheduler": "FlowMatchEulerDiscreteScheduler",
-        "num_inference_steps": 28,
-        "guidance_scale": QUALITY_GUIDANCE["digits-flux"],
-    },
-    "digits-flux-shifted": {  # digits-flux's weights on FLUX.1-dev's shifted schedule
-        "architecture": "flux",
-        "scheduler": "FlowMatchEulerDiscreteScheduler",
-        "num_inference_steps": 28,
-        "guidance_scale": QUALITY_GUIDANCE["digits-flux"],
-    },
-}
 
 
 def load_builtin(name: str) -> DiffusionPipeline:

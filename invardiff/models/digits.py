@@ -41,8 +41,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
+from ..builtins import IMAGE_SIZE
+
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-IMAGE_SIZE = 16
 NUM_CLASSES = 10
 DIT_NULL_CLASS = 1000
 FLUX_NULL_CLASS = NUM_CLASSES
@@ -80,7 +81,6 @@ FLUX_CONFIG: dict[str, Any] = {
 }
 FLUX_CONTEXT_TOKENS = 4
 # Guidance scale of the documented quality figures, the quality tests and the sample grids.
-QUALITY_GUIDANCE = {"digits-dit": 1.25, "digits-flux": 1.1}
 FLUX_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 # FLUX.1-dev's scheduler config (its scheduler/scheduler_config.json): with dynamic shifting the
 # shift is exp(mu), mu linear in the image sequence length (``shift`` is then unused).
@@ -178,6 +178,28 @@ def image_seq_shift(seq_len: int, config: Any) -> float:
     intercept = base - slope * base_len
     return seq_len * slope + intercept
 
+def flux_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+    txt_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The digits FLUX transformer's velocity at ``timestep`` (in [0, 1]; no guidance embedding)."""
+    return transformer(
+        hidden_states=latents,
+        timestep=timestep,
+        guidance=None,
+        pooled_projections=pooled,
+        encoder_hidden_states=context,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+
 class DigitsFluxPipeline(DiffusionPipeline):
     """Class-conditional FLUX sampler for 16x16 digits in pixel space (C = 1).
 
@@ -243,16 +265,8 @@ class DigitsFluxPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(sigmas=flux_sigmas(num_inference_steps), device=device, **self.shift(latents))
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if cfg else latents
-            pred = self.transformer(
-                hidden_states=model_input,
-                timestep=t.expand(model_input.shape[0]).to(dtype) / 1000,
-                guidance=None,
-                pooled_projections=pooled,
-                encoder_hidden_states=context,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
+            timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
+            pred = flux_velocity(self.transformer, model_input, timestep, context, pooled, txt_ids, img_ids)
             if cfg:
                 cond, uncond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)

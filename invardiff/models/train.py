@@ -163,16 +163,7 @@ def train_flux(
         t = torch.sigmoid(torch.randn(recipe.batch_size, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
-        pred = model(
-            hidden_states=xt,
-            timestep=t,
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=context,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        pred = digits.flux_velocity(model, xt, t, context, pooled, txt_ids, img_ids)
         return F.mse_loss(pred, noise - x0)
 
     pipe.transformer = _fit(model, loss_fn, recipe, log, checkpoint, checkpoint_every).eval()

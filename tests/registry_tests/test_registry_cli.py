@@ -47,7 +47,7 @@ def closed_port() -> int:
 
 def test_end_to_end_json_shapes(cli, tmp_path: Path):
     init = ok_json(cli("init", "--json"))
-    assert init["models_added"] == ["digits-dit", "digits-flux"] and init["revision"]
+    assert init["models_added"] == ["digits-dit", "digits-flux", "digits-flux-shifted"] and init["revision"]
     assert ok_json(cli("db", "current", "--json"))["up_to_date"] is True
     added = ok_json(
         cli(
@@ -66,6 +66,7 @@ def test_end_to_end_json_shapes(cli, tmp_path: Path):
     assert [m["name"] for m in ok_json(cli("models", "list", "--json"))] == [
         "digits-dit",
         "digits-flux",
+        "digits-flux-shifted",
         "flux-dev",
     ]
     assert ok_json(cli("models", "show", "flux-dev", "--json"))["arch"] == "flux"
@@ -159,7 +160,7 @@ def test_end_to_end_json_shapes(cli, tmp_path: Path):
     assert ok_json(cli("verify", "--json")) == {
         "checked": 4,
         "ok": 4,
-        "indexes_checked": 3,
+        "indexes_checked": 4,
         "failures": [],
     }
     assert ok_json(cli("gc", "--dry-run", "--json"))["deleted"] == []
@@ -173,7 +174,7 @@ BAD_INPUTS = [
     (
         ["fetch", "no-such-model", "1024"],
         errors.NOT_FOUND,
-        "known models: digits-dit, digits-flux, flux-dev",
+        "known models: digits-dit, digits-flux, digits-flux-shifted, flux-dev",
     ),
     (
         ["fetch", "flux-dev", "1024", "--steps", "50"],

@@ -277,15 +277,15 @@ def test_stale_or_lost_indexes_are_found_by_verify_and_rebuilt(cfg, cli, tmp_pat
         result.exit_code == errors.INTEGRITY and "stale index: index/flux-dev.json" in result.stdout
     )
     rebuilt = json.loads(cli("index", "rebuild", "--json").stdout)
-    assert rebuilt["rewritten"] == ["index/flux-dev.json"] and rebuilt["checked"] == 3
+    assert rebuilt["rewritten"] == ["index/flux-dev.json"] and rebuilt["checked"] == 4
     assert cli("verify").exit_code == 0
     assert cli("fetch", "flux-dev", "1024", "--index").exit_code == 0
     for index in list(registry.store.list("index/")):  # the store lost its indexes
         registry.store.delete(index.key)
     report = json.loads(cli("verify", "--json").stdout)
     assert {f["problem"] for f in report["failures"]} == {"missing index"}
-    assert len(report["failures"]) == 3
-    assert json.loads(cli("index", "rebuild", "--json").stdout)["checked"] == 3
+    assert len(report["failures"]) == 4
+    assert json.loads(cli("index", "rebuild", "--json").stdout)["checked"] == 4
     assert cli("verify").exit_code == 0
 
 

@@ -47,7 +47,7 @@ def digits_plan(tmp_path: Path) -> Path:
 
 def test_init_registers_builtins_once(registry: Registry):
     names = [m.name for m in registry.models()]
-    assert names == ["digits-dit", "digits-flux", "flux-dev"]
+    assert names == ["digits-dit", "digits-flux", "digits-flux-shifted", "flux-dev"]
     assert registry.init()["models_added"] == []
     dit = registry.model("digits-dit")
     assert (dit.arch, dit.source, dit.scheduler, dit.steps, dit.width) == (
@@ -81,7 +81,7 @@ def test_models_add_is_idempotent_and_refuses_silent_changes(registry: Registry)
             registry.add_model("flux-nan", FLUX_SOURCE, None, "flux", {"guidance": value})
     with pytest.raises(NotFound):
         registry.model("flux-nan")
-    with pytest.raises(NotFound, match="known models: digits-dit, digits-flux, flux-dev"):
+    with pytest.raises(NotFound, match="known models: digits-dit, digits-flux, digits-flux-shifted, flux-dev"):
         registry.model("nope")
 
 
@@ -238,7 +238,7 @@ def test_index_lets_store_only_clients_resolve_the_same(registry: Registry, conf
         assert StoreIndex(registry.store).resolve(query) == registry.resolve(query)
         result = fetch_plan(query, store_only)
         assert result.sha256 == registry.resolve(query).version.sha256 and not result.cached
-    with pytest.raises(NotFound, match="digits-dit, digits-flux, flux-dev"):
+    with pytest.raises(NotFound, match="digits-dit, digits-flux, digits-flux-shifted, flux-dev"):
         StoreIndex(registry.store).resolve(Query(model="nope", resolution=Resolution.parse("16")))
 
 
@@ -254,7 +254,7 @@ def test_python_client_returns_a_cache_plan(registry: Registry, config):
 def test_verify_and_gc(registry: Registry):
     result = registry.publish(FLUX_PLANS[0], "flux-dev", Resolution.parse("1024"))
     registry.store.put_new("plans/sha256/00/orphan.json", b"orphan", "0" * 64)
-    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 3, "failures": []}
+    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 4, "failures": []}
     assert (
         registry.gc(timedelta(hours=1))["deleted"] == []
     )  # too young: may be an in-flight publish
@@ -311,7 +311,7 @@ def test_gc_rechecks_each_object_before_deleting_it(store_kind, config, request)
     registry.store.list = list_then_publish
     assert registry.gc(timedelta(0))["deleted"] == []
     registry.store.list = listing
-    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 3, "failures": []}
+    assert registry.verify() == {"checked": 1, "ok": 1, "indexes_checked": 4, "failures": []}
     assert [o.key for o in registry.store.list("plans/")] == [orphan.key]
 
 

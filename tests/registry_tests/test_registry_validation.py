@@ -23,6 +23,7 @@ from test_registry_cli import cli, closed_port, ok_json  # noqa: F401 - cli is a
 
 from invardiff import CachePlan, load_plan
 from registry import db, errors
+from registry.checkpoints import BUILTIN_MODELS
 from registry.config import Config
 from registry.errors import InvalidInput
 from registry.index import index_key
@@ -34,6 +35,7 @@ from registry.validation import MAX_PLAN_BYTES
 
 R1024 = Resolution.parse("1024")
 SECRET = "Hunter2-Secret"
+BUILTINS = [m.name for m in BUILTIN_MODELS]
 
 
 def native(tmp_path: Path, name: str, book: Path = FLUX_PLANS[1], **target) -> Path:
@@ -90,8 +92,10 @@ def add_legacy_duplicate(registry: Registry, key: TargetKey, book: Path) -> str:
 def test_a_float_resolution_joins_the_canonical_target(cli, config, tmp_path, monkeypatch):  # noqa: F811
     registry = make_registry(config)
     first = registry.publish(FLUX_PLANS[0], "flux-dev", R1024)
-    floats = native(tmp_path, "floats.json", height=1024.0, width=1024.0, guidance=3.5)
-    assert '"height":1024.0' in floats.read_text()
+    floats = native(tmp_path, "floats.json", guidance=3.5)  # the engine writes 1024: as a hand:
+    floats.write_text(floats.read_text().replace('"height":1024', '"height":1024.0'))
+    floats.write_text(floats.read_text().replace('"width":1024', '"width":1024.0'))
+    assert '"height":1024.0' in floats.read_text() and '"width":1024.0' in floats.read_text()
     second = registry.publish(floats, "flux-dev", R1024)
     assert (second.created, second.version.version) == (True, 2)
     assert second.target == first.target and second.target.key_hash == first.target.key_hash
@@ -470,13 +474,13 @@ def test_six_concurrent_inits_on_a_fresh_postgres_database_serialize(postgres_ad
             for (out, _), command in zip(outputs, commands)
             if command[0] == "init"
         ]
-        assert sorted(name for names in added for name in names) == ["digits-dit", "digits-flux"]
+        assert sorted(name for names in added for name in names) == BUILTINS
         engine = db.create(url)
         with engine.connect() as connection:
             versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
             names = connection.execute(text("SELECT name FROM model_aliases ORDER BY name")).all()
         engine.dispose()
         assert [v[0] for v in versions] == [db.SCHEMA_REVISION]
-        assert [n[0] for n in names] == ["digits-dit", "digits-flux"]
+        assert [n[0] for n in names] == BUILTINS
     finally:
         drop_postgres_database(postgres_admin, url)
