@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-BUILTIN = ("digits-dit", "digits-flux", "digits-flux-shifted")
+from .builtins import BUILTIN_MODELS
 
 
 def builtin_settings(model: str) -> tuple[int, float]:
     """Steps and guidance of a built-in model's documented protocol."""
-    from .models import BUILTIN_MODELS
-
     settings = BUILTIN_MODELS[model]
     return int(settings["num_inference_steps"]), float(settings["guidance_scale"])
 
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     A shim kept for ``python -m invardiff.cli`` and callers of ``invardiff.cli.main``: the
     command line is assembled in the top-level ``invardiff_cli`` package, so this is an upward
-    import, allowed for this shim alone (tests/test_layers.py).
+    import, allowed for this shim alone (tests/test_layout.py).
     """
     from invardiff_cli.engine_commands import invardiff_main
 

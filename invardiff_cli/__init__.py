@@ -1,7 +1,7 @@
 """The command lines ``invardiff`` and ``invardiff-registry``: the top layer.
 
 Imports go one way: engine (``invardiff``) <- registry (``registry``) <- fleet (``workers``)
-<- commands (this package); tests/test_layers.py checks it.
+<- commands (this package); tests/test_layout.py checks it.
 
 - :mod:`.base`: what every command shares (output, errors and exit codes, secret masking,
   options and types, help format).

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from invardiff.cli import BUILTIN, builtin_settings, calibrate_builtin, run_demo
+from invardiff.builtins import BUILTIN_MODELS
+from invardiff.cli import builtin_settings, calibrate_builtin, run_demo
 from invardiff.plan import PlanError
 from registry.errors import GENERIC, USAGE
 
@@ -107,7 +108,7 @@ def _rules(model: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 model_option = click.option(
-    "--model", default="digits-flux", type=click.Choice(BUILTIN),
+    "--model", default="digits-flux", type=click.Choice(sorted(BUILTIN_MODELS)),
     help="built-in model (default digits-flux)",
 )  # fmt: skip
 trajectories_option = click.option(

@@ -3,7 +3,7 @@
 A shim kept for callers (and ``python -m registry``): the command line is assembled in the
 top-level ``invardiff_cli`` package (:mod:`invardiff_cli.registry_app`), from the registry's, the
 fleet's and the schedule's command modules. This upward import is allowed for this module
-alone (tests/test_layers.py).
+alone (tests/test_layout.py).
 """
 
 from invardiff_cli.registry_app import registry_main as main

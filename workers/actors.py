@@ -42,18 +42,6 @@ def decode_flags(data: bytes) -> dict[str, Any]:
     return load(data)
 
 
-def batched_call(calls: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
-    """One pipeline call for several single-condition calls (and their seeds)."""
-    merged: dict[str, Any] = {
-        k: v for k, v in calls[0].items() if k not in ("seed", "prompt", "class_labels")
-    }
-    if "prompt" in calls[0]:
-        merged["prompt"] = [c["prompt"] for c in calls]
-    else:
-        merged["class_labels"] = [label for c in calls for label in c["class_labels"]]
-    return merged, [int(c["seed"]) for c in calls]
-
-
 def held_out(request: CalibrationRequest) -> dict[str, list[dict[str, Any]]]:
     """The budget search's held-out calls by stage, ``"selection"`` and ``"certification"``:
     the calibration calls with fresh seeds each (``invardiff.holdout.held_out_sets``)."""
@@ -211,11 +199,12 @@ class CalibrationWorker:
         import numpy as np
 
         from invardiff import metrics
+        from invardiff.holdout import merge_calls
         from invardiff.plan import CachePlan
         from invardiff.timing import time_full_vs_cached
 
         plan = CachePlan.from_bytes(plan_bytes)
-        call, seeds = batched_call(calls)
+        call, seeds = merge_calls(calls)
         self._sample(call, seeds)  # warm-up, untimed
         timed = time_full_vs_cached(self.pipe, plan, lambda _: self._sample(call, seeds), repeats)
         full, fast = timed.full, timed.cached
