@@ -59,7 +59,7 @@ INVARDIFF_SWEEP: dict[str, list[dict[str, Any]]] = {
         {"preset": "fast", "max_consecutive": 1}, {"preset": "fast", "max_consecutive": 2},
     ],
 }  # fmt: skip
-TARGET_SPEEDUPS = (1.1, 1.5, 2.0, 2.5, 3.0, 3.25, 3.5, 4.0, 5.0)
+TARGET_SPEEDUPS = (1.1, 1.5, 2.0, 2.5, 3.0, 3.23, 3.25, 3.5, 4.0, 5.0)  # 3.23: at least TaylorSeer interval 4 on dit (3.226x)
 
 FAMILIES = (
     "full",
