@@ -50,7 +50,7 @@ def run(model: str, targets: list[dict], trajectories: int, fresh: int, out=None
     evaluate = holdout_measure(pipe, fresh_calls(model, fresh))
     rows = []
     for target in targets:
-        started = time.perf_counter()
+        started, first = time.perf_counter(), (len(measure.calls), len(certify.calls))
         plan = invardiff.calibrate(pipe, calls, model_id=model, measure=measure, certify=certify, **target)
         seconds = time.perf_counter() - started
         record = plan.calibration
@@ -68,12 +68,20 @@ def run(model: str, targets: list[dict], trajectories: int, fresh: int, out=None
                 "selection": (measured["profile"] + measured["jumps"] + measured["candidates"]) * selection_calls,
                 "certification": measured["certification"] * certification_calls,
             },
+            # the same calls weighted by the block work they execute (a cached plan's executed fraction)
+            "block_work_calls": {"selection": block_work(measure, first[0]) * selection_calls,
+                                 "certification": block_work(certify, first[1]) * certification_calls},
             "seconds": round(seconds, 1),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
         if out:
             out(rows[-1])
     return rows
+
+
+def block_work(recorder: RecordingMeasure, first: int) -> float:
+    """The executed fraction of block work summed over the plans measured since call ``first``."""
+    return round(sum(plan.summary().executed_fraction for plans, _ in recorder.calls[first:] for plan in plans), 3)
 
 
 def main() -> None:
