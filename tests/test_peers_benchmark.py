@@ -113,3 +113,14 @@ def test_shared_measure_answers_a_plan_measured_before_from_memory():
     assert measured == [p.sha256 for p in plans]  # each plan once
     assert finished == [1, 1, 2, 2, 2]
     assert [len(batch) for batch, _ in shared.calls] == [2, 3]
+
+
+def test_invardiff_sweep_options():
+    """--targets replaces the budget sweep; --no-reference-rules leaves the reference rules out."""
+    from benchmarks.peers import TARGET_SPEEDUPS, INVARDIFF_SWEEP, methods
+
+    settings = [m.setting for m in methods("dit", {"invardiff"}, [], (1.3, 3.23), reference_rules=False)]
+    assert settings == ["all-compute plan (hook overhead)", "target 1.3x", "target 3.23x"]
+    every = methods("flux", {"invardiff"}, [])
+    assert len(every) == 1 + len(INVARDIFF_SWEEP["flux"]) + len(TARGET_SPEEDUPS)
+    assert every[-1].setting == f"target {TARGET_SPEEDUPS[-1]:g}x"
