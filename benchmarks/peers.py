@@ -59,7 +59,8 @@ INVARDIFF_SWEEP: dict[str, list[dict[str, Any]]] = {
         {"preset": "fast", "max_consecutive": 1}, {"preset": "fast", "max_consecutive": 2},
     ],
 }  # fmt: skip
-TARGET_SPEEDUPS = (1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.23, 3.25, 3.5, 4.0, 5.0)  # 1.3, 3.23: at least FasterCache 2/2 (1.292x), TaylorSeer interval 4 (3.226x) on dit
+TARGET_SPEEDUPS = (1.05, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.23, 3.25, 3.5, 4.0, 5.0)
+# 1.05: FirstBlockCache 0.05 on flux (1.032x); 1.3: FasterCache 2/2 (1.292x) and 3.23: TaylorSeer interval 4 (3.226x) on dit
 
 FAMILIES = (
     "full",
