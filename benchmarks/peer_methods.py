@@ -33,8 +33,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.cache_utils import CacheMixin
 
 import invardiff
+from benchmarks.measures import RecordingMeasure
 from invardiff import CachePlan, Geometry, PlanTarget, all_compute_plan
 from invardiff.architectures import MODULE_KINDS, TIMESTEP_SCALE
+from invardiff.holdout import held_out_sets, holdout_measure
+from invardiff.models import load_builtin
 from invardiff.models.digits import IMAGE_SIZE, pack, unpack
 from invardiff.stepping import find_timestep, timestep_argument
 
@@ -76,12 +79,29 @@ def full_compute() -> Method:
     return Method("full compute", "reference", lambda pipe, setup: None)
 
 
+def budget_measures(setup: ModelSetup) -> dict[str, RecordingMeasure]:
+    """The selection and certification measures of every budget point of a model: the
+    calibration calls' default held-out sets, on a pipeline of their own (the others carry a
+    method), shared so that a plan measured for one target (the step profile) is not measured
+    again for the next; the figures, hence the plans, are those of a plain ``calibrate``."""
+    if "budget_measures" not in setup.memo:
+        pipe = load_builtin(setup.name)
+        pipe.set_progress_bar_config(disable=True)
+        selection, certification = held_out_sets(setup.calls)
+        setup.memo["budget_measures"] = {"measure": RecordingMeasure(holdout_measure(pipe, selection)),
+                                         "certify": RecordingMeasure(holdout_measure(pipe, certification))}  # fmt: skip
+    return setup.memo["budget_measures"]
+
+
 def invardiff_plan(setting: str, **params: Any) -> Method:
-    """A plan calibrated by ``invardiff.calibrate(pipe, calls, **params)``."""
+    """A plan calibrated by ``invardiff.calibrate(pipe, calls, **params)`` (budget targets with
+    the model's shared :func:`budget_measures`)."""
 
     def install(pipe, setup):
+        budget = any(key in params for key in ("target_speedup", "min_psnr", "min_psnr_p5"))
+        measures = budget_measures(setup) if budget else {}
         try:
-            plan = invardiff.calibrate(pipe, setup.calls, model_id=setup.name, **params)
+            plan = invardiff.calibrate(pipe, setup.calls, model_id=setup.name, **params, **measures)
         except (TypeError, ValueError) as exc:
             if any(name in str(exc) for name in params):
                 raise Unsupported(f"invardiff.calibrate rejects {params}: {exc}") from None
@@ -283,8 +303,6 @@ def mag_ratios(setup: ModelSetup) -> list[float]:
     """MagCache's own calibration: its ``calibrate=True`` run on each calibration call (it
     prints the ratios to copy into the config); the mean over calls."""
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
-    from invardiff.models import load_builtin
 
     pipe = load_builtin(setup.name)
     pipe.set_progress_bar_config(disable=True)

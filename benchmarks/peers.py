@@ -59,7 +59,8 @@ INVARDIFF_SWEEP: dict[str, list[dict[str, Any]]] = {
         {"preset": "fast", "max_consecutive": 1}, {"preset": "fast", "max_consecutive": 2},
     ],
 }  # fmt: skip
-TARGET_SPEEDUPS = (1.1, 1.5, 2.0, 2.5, 3.0, 3.25, 3.5, 4.0, 5.0)
+TARGET_SPEEDUPS = (1.05, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.23, 3.25, 3.5, 4.0, 5.0)
+# 1.05: FirstBlockCache 0.05 on flux (1.032x); 1.3: FasterCache 2/2 (1.292x) and 3.23: TaylorSeer interval 4 (3.226x) on dit
 
 FAMILIES = (
     "full",
@@ -82,14 +83,16 @@ TIMING_NOTE = ("wall-clock on a {cores}-core CPU machine, load average {load_bef
                "are medians of interleaved rounds; PSNR, SSIM and FLOP fractions are exact")  # fmt: skip
 
 
-def methods(arch: str, families: set[str], every_k: list[int]) -> list[pm.Method]:
-    """Every method of the benchmark for one architecture, in table order."""
+def methods(arch: str, families: set[str], every_k: list[int], targets: tuple[float, ...] = TARGET_SPEEDUPS,
+            reference_rules: bool = True) -> list[pm.Method]:
+    """Every method of the benchmark for one architecture, in table order (InvarDiff: the
+    reference-rule sweep unless ``reference_rules`` is false, then a budget plan per target)."""
     chosen: list[pm.Method] = []
     if "full" in families:
         chosen.append(pm.full_compute())
     if "invardiff" in families:
         chosen.append(pm.plan_method(INVARDIFF, "all-compute plan (hook overhead)", lambda t: t))
-        for params in INVARDIFF_SWEEP[arch] + [{"target_speedup": s} for s in TARGET_SPEEDUPS]:
+        for params in INVARDIFF_SWEEP[arch] * reference_rules + [{"target_speedup": s} for s in targets]:
             chosen.append(pm.invardiff_plan(_setting(params), **params))
     if "every-k" in families:
         chosen += [
@@ -165,7 +168,7 @@ def run_model(name: str, args, say) -> dict[str, Any]:
         reference, labels, setup, args.batch
     )
     entries = []
-    for method in methods(arch, set(args.families), args.every_k):
+    for method in methods(arch, set(args.families), args.every_k, tuple(args.targets), not args.no_reference_rules):
         entry = Entry(method)
         entries.append(entry)
         say(f"{name}: {method.family} {method.setting}")
@@ -369,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         "--trajectories", type=int, default=8, help="calibration calls (InvarDiff, MagCache)"
     )
     parser.add_argument("--every-k", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--targets", type=float, nargs="*", default=list(TARGET_SPEEDUPS),
+                        help="InvarDiff budget targets (target_speedup; default: the sweep's)")
+    parser.add_argument("--no-reference-rules", action="store_true",
+                        help="InvarDiff: budget plans only, not the reference-rule sweep")
     parser.add_argument("--out", type=Path, default=Path("out/peers"))
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import invardiff
+from benchmarks.measures import RecordingMeasure
 from invardiff import metrics
 from invardiff.budget import computed_for_speedup
 from invardiff.holdout import fresh_calls, holdout_measure
@@ -61,27 +62,6 @@ def calibration_calls(model: str, count: int = 8) -> list[dict]:
     steps = int(BUILTIN_MODELS[model]["num_inference_steps"])
     return [{"class_labels": [c % 10], "num_inference_steps": steps, "guidance_scale": GUIDANCE, "seed": 100 + c}
             for c in range(count)]  # fmt: skip
-
-
-class RecordingMeasure:
-    """The held-out measure, recording each call's plans and figures; a plan measured before
-    (the profile at the second target) is answered from memory, but still counted."""
-
-    def __init__(self, measure):
-        self.measure = measure
-        self.memory: dict[str, float] = {}
-        self.calls: list[tuple[list, list[float]]] = []
-
-    def __call__(self, plans, done):
-        fresh = [p for p in dict.fromkeys(p.sha256 for p in plans) if p not in self.memory]
-        if fresh:
-            by_sha = {p.sha256: p for p in plans}
-            self.memory.update(zip(fresh, self.measure([by_sha[s] for s in fresh], lambda: None)))
-        values = [self.memory[p.sha256] for p in plans]
-        for _ in plans:
-            done()
-        self.calls.append((plans, values))
-        return values
 
 
 def evaluate(pipe, model: str, plans: dict, samples: int) -> dict:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from benchmarks import peer_methods as pm
+from benchmarks.measures import RecordingMeasure
 from benchmarks.peers import Entry, count_block_flops, main, pareto
+from invardiff import all_compute_plan
 from invardiff.cli import builtin_settings, calibration_calls
 from invardiff.models import load_builtin
 from invardiff.schedules import every_k_plan
@@ -89,3 +91,36 @@ def test_first_block_cache_state_is_reset_between_generations():
 def test_pareto_front():
     points = [(1.0, 50.0), (2.0, 40.0), (1.5, 39.0), (2.0, 40.0), (3.0, 30.0), (0.9, 60.0)]
     assert pareto(points) == [True, True, False, True, True, True]
+
+
+def test_shared_measure_answers_a_plan_measured_before_from_memory():
+    """Budget points share their held-out measures (peer_methods.budget_measures): a plan
+    measured for one target is not measured again, yet every plan is answered, in order, with
+    its own figures, and the search sees one ``done()`` per plan."""
+    template = all_compute_plan("dit", 10, {"attn": 2, "mlp": 2})
+    plans = [every_k_plan(template, k) for k in (2, 3, 4)]
+    measured: list[str] = []
+
+    def measure(batch, done):
+        measured.extend(p.sha256 for p in batch)
+        return [[float(p.summary().ideal_speedup)] for p in batch]
+
+    shared, finished = RecordingMeasure(measure), []
+    first = shared([plans[0], plans[1]], lambda: finished.append(1))
+    second = shared([plans[2], plans[1], plans[2]], lambda: finished.append(2))
+    expected = [[p.summary().ideal_speedup] for p in plans]
+    assert first == expected[:2] and second == [expected[2], expected[1], expected[2]]
+    assert measured == [p.sha256 for p in plans]  # each plan once
+    assert finished == [1, 1, 2, 2, 2]
+    assert [len(batch) for batch, _ in shared.calls] == [2, 3]
+
+
+def test_invardiff_sweep_options():
+    """--targets replaces the budget sweep; --no-reference-rules leaves the reference rules out."""
+    from benchmarks.peers import TARGET_SPEEDUPS, INVARDIFF_SWEEP, methods
+
+    settings = [m.setting for m in methods("dit", {"invardiff"}, [], (1.3, 3.23), reference_rules=False)]
+    assert settings == ["all-compute plan (hook overhead)", "target 1.3x", "target 3.23x"]
+    every = methods("flux", {"invardiff"}, [])
+    assert len(every) == 1 + len(INVARDIFF_SWEEP["flux"]) + len(TARGET_SPEEDUPS)
+    assert every[-1].setting == f"target {TARGET_SPEEDUPS[-1]:g}x"
