@@ -400,7 +400,7 @@ def plan_for_psnr(
         if name is None:
             continue
         certified = search.certified(plans[name])
-        if floors.met_by(certified):
+        if floors.certified_by(certified):
             figures = {"certified": certified, **({"rejected": rejected} if rejected else {})}
             return replace(plans[name], calibration=_record({**provenance, **lemica}, name, scores, search, **figures))
         rejected.append({"candidate": name, "computed": computed, **certified.to_json()})

@@ -19,7 +19,7 @@ from .calibration import (
     provenance,
     trajectory_stats,
 )
-from .certify import Measure
+from .certify import P5_SAMPLES, Measure
 from .checks import jsonable
 from .holdout import held_out_sets, holdout_measure
 from .plan import CachePlan, all_compute_plan
@@ -49,6 +49,12 @@ def budget_record(
             "certification": None if certification is None else jsonable(certification)}  # fmt: skip
 
 
+def certification_samples(targets: dict[str, float | None]) -> int:
+    """The certification samples ``targets`` need: :data:`~invardiff.certify.P5_SAMPLES` for a
+    5th-percentile floor (its lower bound), else any number (0)."""
+    return P5_SAMPLES if targets.get("min_psnr_p5") is not None else 0
+
+
 def calibrate_to_budget(
     pipeline,
     transformer,
@@ -76,7 +82,7 @@ def calibrate_to_budget(
     if measure is None:
         if transformer is pipeline:
             raise ValueError("a bare transformer cannot be measured on held-out calls: pass measure=... and certify=...")
-        selection, cert_calls = held_out_sets(calls, holdout, certification)
+        selection, cert_calls = held_out_sets(calls, holdout, certification, certification_samples(targets))
     phase1 = []
     for i, call in enumerate(calls):
         say(f"phase 1: trajectory {i + 1}/{len(calls)}")

@@ -22,6 +22,7 @@ Done = Callable[[], None]
 Samples = Sequence[float] | float  # per-sample PSNR dB; a float is a single figure (one sample)
 Measure = Callable[[list[CachePlan], Done], list[Samples]]
 PERCENTILE = 5.0  # the low percentile a plan certifies ("p5")
+CONFIDENCE = 0.9  # of the certified 5th percentile's lower bound (p5_bound)
 STAGES = {"profile": "step profile", "jumps": "LeMiCa jumps", "candidates": "candidates",
           "certification": "certification"}
 
@@ -30,13 +31,37 @@ def _rounded(value: float) -> float | None:
     return round(value, 3) if math.isfinite(value) else None  # JSON: None is infinite (identical)
 
 
+def bound_rank(samples: int, quantile: float = PERCENTILE / 100, confidence: float = CONFIDENCE) -> int:
+    """The largest rank r (1: the smallest sample) whose order statistic is a lower bound of the
+    ``quantile`` with probability at least ``confidence``, whatever the (continuous) distribution:
+    P(Binomial(samples, quantile) >= r) >= confidence. 0: no rank is (too few samples)."""
+    below = 1.0  # P(Binomial >= r), from r = 0 upwards
+    for r in range(samples + 1):
+        if below < confidence:
+            return r - 1
+        below -= math.comb(samples, r) * quantile**r * (1 - quantile) ** (samples - r)
+    return samples
+
+
+def samples_for_bound(quantile: float = PERCENTILE / 100, confidence: float = CONFIDENCE) -> int:
+    """The fewest samples whose smallest one bounds the ``quantile`` at ``confidence`` (45 for
+    the 5th percentile at 90%)."""
+    return math.ceil(math.log(1 - confidence) / math.log(1 - quantile))
+
+
+P5_SAMPLES = samples_for_bound()  # certification samples a min_psnr_p5 promise needs
+
+
 @dataclass(frozen=True)
 class Fidelity:
-    """Mean and 5th percentile PSNR (dB) over ``samples`` samples (``inf``: identical outputs)."""
+    """Mean and 5th percentile PSNR (dB) over ``samples`` samples (``inf``: identical outputs),
+    and ``p5_bound``: a lower bound of the 5th percentile at :data:`CONFIDENCE` (an order
+    statistic, :func:`bound_rank`; ``None`` below :data:`P5_SAMPLES` samples)."""
 
     mean: float
     p5: float
     samples: int
+    p5_bound: float | None = None
 
     @classmethod
     def of(cls, values: Samples) -> Fidelity:
@@ -45,10 +70,14 @@ class Fidelity:
         v = np.atleast_1d(np.asarray(values, dtype=np.float64)).reshape(-1)
         if v.size == 0 or np.isnan(v).any():
             raise ValueError(f"a measure returned no or NaN PSNR samples: {values!r}")
-        return cls(float(np.mean(v)), float(np.percentile(v, PERCENTILE, method="lower")), int(v.size))
+        rank = bound_rank(v.size)
+        bound = float(np.sort(v)[rank - 1]) if rank else None
+        return cls(float(np.mean(v)), float(np.percentile(v, PERCENTILE, method="lower")), int(v.size), bound)
 
     def to_json(self) -> dict:
-        return {"psnr_mean": _rounded(self.mean), "psnr_p5": _rounded(self.p5), "samples": self.samples}
+        bound = None if self.p5_bound is None else _rounded(self.p5_bound)
+        return {"psnr_mean": _rounded(self.mean), "psnr_p5": _rounded(self.p5), "samples": self.samples,
+                "psnr_p5_bound": bound}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,8 +88,20 @@ class Floors:
     min_psnr_p5: float | None = None
 
     def met_by(self, fidelity: Fidelity) -> bool:
+        """On the selection set: the observed mean and 5th percentile."""
         return (self.min_psnr is None or fidelity.mean >= self.min_psnr) and (
             self.min_psnr_p5 is None or fidelity.p5 >= self.min_psnr_p5
+        )
+
+    def certified_by(self, fidelity: Fidelity) -> bool:
+        """On the certification set: the mean, and the 5th percentile's lower bound (refused
+        when the set has too few samples to give one)."""
+        if self.min_psnr_p5 is not None and fidelity.p5_bound is None:
+            raise ValueError(f"a min_psnr_p5 promise needs at least {P5_SAMPLES} certification samples "
+                             f"(a {CONFIDENCE:.0%} lower bound of the 5th percentile); the certification gave "
+                             f"{fidelity.samples}")  # fmt: skip
+        return (self.min_psnr is None or fidelity.mean >= self.min_psnr) and (
+            self.min_psnr_p5 is None or fidelity.p5_bound >= self.min_psnr_p5
         )
 
     def rank(self, fidelity: Fidelity) -> float:

@@ -24,10 +24,14 @@ def builtin_settings(model: str) -> tuple[int, float]:
     return int(settings["num_inference_steps"]), float(settings["guidance_scale"])
 
 
-def calibration_calls(model: str, trajectories: int, guidance: float | None = None) -> list[dict]:
-    """Deterministic calls for a built-in model: one digit class and one seed each."""
-    steps, default_guidance = builtin_settings(model)
+def calibration_calls(
+    model: str, trajectories: int, guidance: float | None = None, steps: int | None = None
+) -> list[dict]:
+    """Deterministic calls for a built-in model: one digit class and one seed each (guidance
+    and step count: the model's unless given)."""
+    default_steps, default_guidance = builtin_settings(model)
     guidance = default_guidance if guidance is None else guidance
+    steps = steps or default_steps
     return [
         {"class_labels": [i % 10], "num_inference_steps": steps, "guidance_scale": guidance, "seed": 1000 + i}
         for i in range(trajectories)
@@ -57,7 +61,9 @@ def _grid(rows: list[np.ndarray], scale: int = 4) -> Image.Image:  # noqa: F821
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def calibrate_builtin(model: str, trajectories: int, guidance: float | None, rules: dict, pipe=None):
+def calibrate_builtin(
+    model: str, trajectories: int, guidance: float | None, rules: dict, pipe=None, steps: int | None = None
+):
     """Calibrate a built-in model with ``rules`` (``mode``, ``preset``, ``target_speedup``,
     ``min_psnr``, ``min_psnr_p5``); progress goes to stderr."""
     from . import calibrate
@@ -65,12 +71,13 @@ def calibrate_builtin(model: str, trajectories: int, guidance: float | None, rul
 
     pipe = pipe or load_builtin(model)
     pipe.set_progress_bar_config(disable=True)
-    return calibrate(pipe, calibration_calls(model, trajectories, guidance), model_id=model,
+    return calibrate(pipe, calibration_calls(model, trajectories, guidance, steps), model_id=model,
                      progress=lambda m: print(f"  {m}", file=sys.stderr), **rules)  # fmt: skip
 
 
 def run_demo(
-    model: str, rules: dict, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path
+    model: str, rules: dict, trajectories: int, guidance: float | None, batch: int, repeats: int, out: Path,
+    steps: int | None = None,
 ) -> dict:
     """Calibrate ``model`` in-process with ``rules``, then time and compare full vs cached generation."""
     from . import metrics
@@ -78,10 +85,11 @@ def run_demo(
     from .timing import time_full_vs_cached
 
     pipe = load_builtin(model)
-    steps, default_guidance = builtin_settings(model)
+    default_steps, default_guidance = builtin_settings(model)
     guidance = default_guidance if guidance is None else guidance
+    steps = steps or default_steps
     started = time.perf_counter()
-    plan = calibrate_builtin(model, trajectories, guidance, rules, pipe)
+    plan = calibrate_builtin(model, trajectories, guidance, rules, pipe, steps)
     calibration_s = time.perf_counter() - started
     preset = rules_label(rules)
     labels = [i % 10 for i in range(batch)]

@@ -50,14 +50,32 @@ def check_disjoint(**sets: Calls) -> None:
             raise ValueError(f"{second} calls reuse {first} seed(s) {sorted(shared)[:8]}: each set needs fresh seeds")
 
 
-def held_out_sets(calls: Calls, selection: Calls | None = None, certification: Calls | None = None) -> tuple[Calls, Calls]:
+def call_samples(call: dict[str, Any]) -> int:
+    """The images one call produces: its conditions (class labels or prompts) times
+    ``num_images_per_prompt``."""
+    condition = call.get("prompt", call.get("class_labels"))
+    conditions = 1 if condition is None or isinstance(condition, str) else len(np.atleast_1d(condition))
+    return conditions * int(call.get("num_images_per_prompt") or 1)
+
+
+def held_out_sets(
+    calls: Calls, selection: Calls | None = None, certification: Calls | None = None, min_samples: int = 0
+) -> tuple[Calls, Calls]:
     """The selection and certification calls of a calibration on ``calls`` (defaults: ``calls``
-    with fresh seeds each), checked pairwise disjoint with the calibration calls."""
+    with fresh seeds each; the certification's repeated, each time with fresh seeds, until it
+    has ``min_samples`` samples), checked pairwise disjoint with the calibration calls; a given
+    certification set with fewer than ``min_samples`` samples is refused."""
     check_disjoint(calibration=calls)
     selection = fresh_calls(calls, calls) if selection is None else selection
     if certification is None:
-        certification = fresh_calls(calls, [*calls, *selection])
+        per_round = sum(call_samples(call) for call in calls)
+        rounds = max(1, -(-min_samples // max(per_round, 1)))
+        certification = fresh_calls(calls * rounds, [*calls, *selection])
     check_disjoint(calibration=calls, selection=selection, certification=certification)
+    given = sum(call_samples(call) for call in certification)
+    if given < min_samples:
+        raise ValueError(f"the certification set gives {given} sample(s): a min_psnr_p5 promise needs at least "
+                         f"{min_samples} (pass more certification calls, or none for the default)")  # fmt: skip
     return selection, certification
 
 

@@ -12,8 +12,9 @@ from invardiff.builtins import BUILTIN_MODELS
 from invardiff.cli import builtin_settings, calibrate_builtin, run_demo
 from invardiff.plan import PlanError
 from registry.errors import GENERIC, USAGE
+from workers.request import MIN_STEPS
 
-from .base import FINITE, POSITIVE, Main, emit, json_option, log
+from .base import FINITE, POSITIVE, STEPS, Main, emit, json_option, log
 
 DEPRECATED = {"min_psnr": ("--min-psnr", "--target-psnr"),
               "min_psnr_p5": ("--min-psnr-p5", "--target-psnr-p5")}  # fmt: skip
@@ -58,7 +59,8 @@ def _rule_options(command: Any) -> Any:
         click.option("--target-psnr", type=FINITE, metavar="DB",
                      help="budget: the fastest plan whose certified mean PSNR on fresh seeds is >= DB"),
         click.option("--target-psnr-p5", type=FINITE, metavar="DB",
-                     help="budget: the same on the certified 5th-percentile PSNR (alone or with --target-psnr)"),
+                     help="budget: the same on a 90%-confidence lower bound of the 5th-percentile PSNR "
+                          "(at least 45 fresh samples; alone or with --target-psnr)"),
         click.option("--min-psnr", type=FINITE, metavar="DB", hidden=True,
                      help="deprecated spelling of --target-psnr"),
         click.option("--min-psnr-p5", type=FINITE, metavar="DB", hidden=True,
@@ -85,11 +87,13 @@ def _targets(given: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, 
     return targets, flags
 
 
-def _rules(model: str, given: dict[str, Any]) -> dict[str, Any]:
+def _rules(model: str, steps: int | None, given: dict[str, Any]) -> dict[str, Any]:
     """Validated calibration rules from the command line (usage error otherwise)."""
     from invardiff.calibration import calibration_mode
 
-    steps, _ = builtin_settings(model)
+    steps = steps or builtin_settings(model)[0]
+    if steps < MIN_STEPS:
+        raise click.UsageError(f"--steps must be at least {MIN_STEPS} (the change scores compare three steps)")
     targets, flags = _targets(given)
     speedup = given["target_speedup"]
     try:
@@ -118,6 +122,10 @@ trajectories_option = click.option(
 guidance_option = click.option(
     "--guidance", type=FINITE, metavar="G", help="default: the model's documented guidance"
 )
+steps_option = click.option(
+    "--steps", type=STEPS, metavar="N",
+    help="denoising steps (default: the model's documented count; a plan is valid for its own)",
+)  # fmt: skip
 
 
 @main.command()
@@ -125,6 +133,7 @@ guidance_option = click.option(
 @_rule_options
 @trajectories_option
 @guidance_option
+@steps_option
 @click.option("--batch", type=POSITIVE, default=32, metavar="N",
               help="images per timed generation (default 32)")  # fmt: skip
 @click.option("--repeats", type=POSITIVE, default=3, metavar="N",
@@ -132,13 +141,13 @@ guidance_option = click.option(
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
               metavar="DIR", help="folder for the plan and the full-vs-cached PNG (default out/)")  # fmt: skip
 @json_option
-def demo(model: str, trajectories: int, guidance: float | None, batch: int, repeats: int,
-         out: Path, as_json: bool, **given: Any) -> None:  # fmt: skip
+def demo(model: str, trajectories: int, guidance: float | None, steps: int | None, batch: int,
+         repeats: int, out: Path, as_json: bool, **given: Any) -> None:  # fmt: skip
     """Calibrate a built-in model in-process (no registry, no Ray), then time full against
     cached generation, interleaved, and compare them: speed-up, PSNR, a PNG."""
     from invardiff.display import render
 
-    result = run_demo(model, _rules(model, given), trajectories, guidance, batch, repeats, out)
+    result = run_demo(model, _rules(model, steps, given), trajectories, guidance, batch, repeats, out, steps)
     emit(as_json, result, render(result))
 
 
@@ -154,13 +163,14 @@ def _in_a_folder(ctx: click.Context, param: click.Parameter, value: Path) -> Pat
 @_rule_options
 @trajectories_option
 @guidance_option
+@steps_option
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
               callback=_in_a_folder, metavar="FILE", help="where to write the plan (JSON)")  # fmt: skip
 @json_option
-def calibrate(model: str, trajectories: int, guidance: float | None, out: Path, as_json: bool,
-              **given: Any) -> None:  # fmt: skip
+def calibrate(model: str, trajectories: int, guidance: float | None, steps: int | None, out: Path,
+              as_json: bool, **given: Any) -> None:  # fmt: skip
     """Calibrate a built-in model in-process and write the plan file (its path on stdout)."""
-    plan = calibrate_builtin(model, trajectories, guidance, _rules(model, given))
+    plan = calibrate_builtin(model, trajectories, guidance, _rules(model, steps, given), steps=steps)
     path = plan.save(out)
     data = {"plan": str(path), "sha256": plan.sha256, "model": model,
             "mode": plan.calibration.get("mode"), "summary": plan.summary().to_json()}  # fmt: skip

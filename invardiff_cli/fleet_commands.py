@@ -112,7 +112,8 @@ def _json_errors(callback: Callable[..., None]) -> Callable[..., None]:
 )  # fmt: skip
 @click.option(
     "--target-psnr-p5", type=FINITE, metavar="DB",
-    help="Budget: the same on the certified 5th-percentile PSNR (alone or with --target-psnr).",
+    help="Budget: the same on a 90%-confidence lower bound of the 5th-percentile PSNR "
+    "(at least 45 fresh samples; alone or with --target-psnr).",
 )  # fmt: skip
 @click.option(
     "--set",

@@ -9,6 +9,7 @@ import pytest
 from search_support import STEPS, flux_template, per_plan
 
 import invardiff
+from benchmarks.measures import RecordingMeasure
 from invardiff.budget import (
     budget_plan,
     candidate_gates,
@@ -214,7 +215,8 @@ def test_min_psnr_is_the_certified_mean_and_the_fastest(flux, evaluate):
     assert means(held, [plan])[0] == pytest.approx(record["selected"]["psnr_mean"], abs=1e-3)
     certified = evaluate([plan], lambda: None)[0]  # the certification set: 6 samples
     assert record["certified"] == {"psnr_mean": round(float(np.mean(certified)), 3),
-                                   "psnr_p5": round(float(np.min(certified)), 3), "samples": 6}  # fmt: skip
+                                   "psnr_p5": round(float(np.min(certified)), 3), "samples": 6,
+                                   "psnr_p5_bound": None}  # fmt: skip
     computed = int((~plan.step_gate).sum())
     one_fewer = candidate_plans(plan, {"even": spaced_gate(STEPS, computed - 1)})  # both rules
     rejected = [r["computed"] for r in record.get("rejected", [])]
@@ -234,13 +236,15 @@ def test_profile_placement_beats_every_other_placement_on_digits_dit():
     def at_50(calls_):
         return [{**c, "num_inference_steps": steps} for c in calls_]
 
-    holdout = at_50(HOLDOUT)
-    plan = invardiff.calibrate(dit, at_50(CALIBRATION), target_speedup=1.5, holdout=holdout)
+    # one selection measure for both searches: the search without the profile measures no
+    # candidate twice (the figures are deterministic, benchmarks.measures.RecordingMeasure)
+    selection = RecordingMeasure(holdout_measure(dit, at_50(HOLDOUT)))
+    plan = invardiff.calibrate(dit, at_50(CALIBRATION), target_speedup=1.5, measure=selection)
     scores, profile = plan.calibration["candidates_psnr"], plan.calibration["step_psnr"]
     assert len(profile) == steps - 2 and plan.calibration["candidate"].startswith("sensitivity")
     profiled = max(v for n, v in scores.items() if n.startswith("sensitivity"))
     others = max(v for n, v in scores.items() if not n.startswith("sensitivity"))
-    without = plan_for_speedup(plan, 1.5, None, Search(holdout_measure(dit, holdout)))  # no profile
+    without = plan_for_speedup(plan, 1.5, None, Search(selection))  # no profile
     psnr_plan, psnr_without = means(holdout_measure(dit, at_50(EVALUATION)), [plan, without])
     # measured: held out 55.4 vs 48.4 dB; evaluation 53.3 vs 47.4 dB
     assert profiled >= others + 2.0
@@ -251,15 +255,17 @@ def test_profile_placement_beats_every_other_placement_on_digits_dit():
 def test_cli_calibrates_to_a_speedup(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["calibrate", "--model", "digits-flux", "--trajectories", "1", "--target-speedup", "3",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--steps", "12", "--out", str(out)]) == 0  # fmt: skip
     plan = invardiff.load_plan(out)
     assert plan.summary().ideal_speedup >= 3.0 and plan.calibration["mode"] == "budget"
+    assert plan.steps == len(plan.step_gate) == 12  # the steps given, not the model's 28
     assert json.loads(out.read_text())["calibration"]["target_speedup"] == 3.0
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["--target-speedup", "0.5"], ">= 1"), (["--target-speedup", "15"], "unreachable"),
+     (["--target-speedup", "6", "--steps", "10"], "at most 5x (10 steps"), (["--steps", "2"], "at least 3"),
      (["--min-psnr", "-3"], "positive"), (["--target-speedup", "2", "--min-psnr", "30"], "exactly one"),
      (["--min-psnr-p5", "0"], "--min-psnr-p5 must be a positive"),
      (["--target-speedup", "2", "--min-psnr-p5", "30"], "exactly one"),

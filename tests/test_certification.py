@@ -4,6 +4,7 @@ real calibration of digits-flux on few steps)."""
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 import numpy as np
@@ -20,7 +21,7 @@ from invardiff.budget import (
     drift_gate,
     ideal_speedup,
 )
-from invardiff.certify import Fidelity, Search
+from invardiff.certify import P5_SAMPLES, Fidelity, Search, bound_rank
 from invardiff.holdout import (
     batches,
     check_disjoint,
@@ -52,9 +53,31 @@ def test_fidelity_is_mean_and_an_observed_5th_percentile():
     assert Fidelity.of(values) == Fidelity(39.0, 20.0, 20)
     assert Fidelity.of(30.0) == Fidelity(30.0, 30.0, 1)
     identical = Fidelity.of([float("inf"), float("inf")])
-    assert identical.to_json() == {"psnr_mean": None, "psnr_p5": None, "samples": 2}
+    assert identical.to_json() == {"psnr_mean": None, "psnr_p5": None, "samples": 2, "psnr_p5_bound": None}
     with pytest.raises(ValueError, match="NaN"):
         Fidelity.of([1.0, float("nan")])
+
+
+def test_the_5th_percentile_bound_is_the_order_statistic_binomial_confidence_allows():
+    def above(n: int, r: int) -> float:  # P(Binomial(n, 0.05) >= r)
+        return 1.0 - sum(math.comb(n, k) * 0.05**k * 0.95 ** (n - k) for k in range(r))
+
+    assert P5_SAMPLES == 45 and bound_rank(44) == 0 and bound_rank(45) == 1
+    for n in (8, 44, 45, 48, 76, 77, 100, 400):
+        r = bound_rank(n)
+        assert (r == 0 or above(n, r) >= 0.9) and above(n, r + 1) < 0.9
+    values = np.arange(100.0)[::-1]  # 100 samples: the second smallest bounds the 5th percentile
+    assert Fidelity.of(values).p5_bound == 1.0 and Fidelity.of(values[:48]).p5_bound == 52.0
+    assert Fidelity.of(values[:44]).p5_bound is None and Fidelity.of(values).to_json()["psnr_p5_bound"] == 1.0
+
+
+def test_the_bound_is_below_the_true_5th_percentile_nine_times_in_ten():
+    # 4000 certifications of 48 samples from a skewed distribution with a known 5th percentile
+    rng = np.random.default_rng(0)
+    truth = np.log(0.05)  # of a negated exponential (PSNR's long low tail): P(-E <= x) = e^x
+    draws = -rng.exponential(size=(4000, 48))
+    bounds = np.array([Fidelity.of(d).p5_bound for d in draws])
+    assert 0.9 <= np.mean(bounds <= truth) <= 0.93  # 1 - 0.95^48 = 0.915
 
 
 def test_psnr_is_taken_on_images_in_zero_one():
@@ -87,6 +110,18 @@ def test_default_sets_are_pairwise_disjoint_whatever_the_calibration_seeds(calib
     given = calls([99_999])
     assert held_out_sets(cal, certification=given)[1] == given  # a given set is kept as is
     assert held_out_sets(cal, selection=given)[0] == given
+
+
+def test_a_5th_percentile_floor_certifies_on_enough_fresh_samples():
+    cal = [*calls([1000, 1001, 1002], label=1), {"class_labels": [2, 3], "seed": 1003}]  # 5 samples a round
+    selection, certification = held_out_sets(cal, min_samples=P5_SAMPLES)
+    assert len(selection) == 4 and len(certification) == 4 * 9  # 9 rounds: 45 samples
+    assert len(seeds(certification)) == 36 and not seeds(certification) & (seeds(cal) | seeds(selection))
+    assert [c["class_labels"] for c in certification] == [c["class_labels"] for c in cal] * 9
+    with pytest.raises(ValueError, match="certification set gives 44 sample.*at least 45"):
+        held_out_sets(cal, certification=calls(range(2000, 2044)), min_samples=P5_SAMPLES)
+    given = [{"class_labels": [0], "num_images_per_prompt": 5, "seed": 2000 + i} for i in range(9)]
+    assert held_out_sets(cal, certification=given, min_samples=P5_SAMPLES)[1] == given
 
 
 def test_the_disjointness_check_compares_every_seed_of_every_set():
@@ -170,22 +205,42 @@ def test_min_psnr_is_the_certified_mean_never_a_selection_figure():
 
 
 def test_min_psnr_p5_floors_the_tail():
-    def tail(plan):  # 20 samples: 19 at the share, one 8 dB lower (the 5th percentile)
-        return [share(plan)] * 19 + [share(plan) - 8.0]
+    def tail(plan):  # 48 samples: 47 at the share, one 8 dB lower (the 5th percentile and its bound)
+        return [share(plan)] * 47 + [share(plan) - 8.0]
 
     plan = budget_plan(flux_template(), None, min_psnr_p5=30.0, measure=per_plan(tail), certify=per_plan(tail))
     certified = plan.calibration["certified"]
-    assert computed(plan) == 11 and certified["psnr_p5"] >= 30.0 and certified["samples"] == 20  # 39.3 - 8
+    assert computed(plan) == 11 and certified["psnr_p5_bound"] >= 30.0 and certified["samples"] == 48  # 39.3 - 8
     both = budget_plan(flux_template(), None, min_psnr=45.0, min_psnr_p5=30.0, measure=per_plan(tail),
                        certify=per_plan(tail))  # fmt: skip
     assert computed(both) == 13 and both.calibration["min_psnr"] == 45.0 and both.calibration["min_psnr_p5"] == 30.0
+
+
+def test_min_psnr_p5_is_certified_on_the_bound_not_the_observed_percentile():
+    def two_low(plan):  # 100 samples, two 20 dB low: the observed 5th percentile is the share, the bound not
+        return [share(plan) - 20.0] * 2 + [share(plan)] * 98
+
+    plan = budget_plan(flux_template(), None, min_psnr_p5=30.0, measure=per_plan(share), certify=per_plan(two_low))
+    certified = plan.calibration["certified"]
+    assert certified["psnr_p5"] == pytest.approx(share(plan), abs=1e-3)
+    assert computed(plan) == 14 and certified["psnr_p5_bound"] == pytest.approx(share(plan) - 20.0, abs=1e-3)
+    assert [r["computed"] for r in plan.calibration["rejected"]] == list(range(9, 14))
+
+
+def test_min_psnr_p5_refuses_a_certification_too_small_for_its_bound():
+    with pytest.raises(ValueError, match="needs at least 45 certification samples.*gave 44"):
+        budget_plan(flux_template(), None, min_psnr_p5=30.0, measure=per_plan(share),
+                    certify=per_plan(lambda p: [share(p)] * 44))  # fmt: skip
+    plan = budget_plan(flux_template(), None, min_psnr=30.0, measure=per_plan(share), certify=per_plan(share))
+    assert plan.calibration["certified"]["samples"] == 1  # a mean floor takes any certification
 
 
 def test_speedup_plans_are_certified_too():
     plan = budget_plan(flux_template(), None, target_speedup=2.8, measure=per_plan(share),
                        certify=per_plan(lambda p: [share(p) - 2.0, share(p)]))  # fmt: skip
     assert plan.calibration["certified"] == {"psnr_mean": pytest.approx(share(plan) - 1.0, abs=1e-3),
-                                             "psnr_p5": pytest.approx(share(plan) - 2.0, abs=1e-3), "samples": 2}  # fmt: skip
+                                             "psnr_p5": pytest.approx(share(plan) - 2.0, abs=1e-3), "samples": 2,
+                                             "psnr_p5_bound": None}  # fmt: skip
     uncertified = budget_plan(flux_template(), None, target_speedup=2.8, measure=per_plan(share))
     assert "certified" not in uncertified.calibration
 

@@ -117,7 +117,7 @@ def test_shared_measure_answers_a_plan_measured_before_from_memory():
 
 def test_invardiff_sweep_options():
     """--targets replaces the budget sweep; --no-reference-rules leaves the reference rules out."""
-    from benchmarks.peers import TARGET_SPEEDUPS, INVARDIFF_SWEEP, methods
+    from benchmarks.peers import INVARDIFF_SWEEP, TARGET_SPEEDUPS, methods
 
     settings = [m.setting for m in methods("dit", {"invardiff"}, [], (1.3, 3.23), reference_rules=False)]
     assert settings == ["all-compute plan (hook overhead)", "target 1.3x", "target 3.23x"]

@@ -44,10 +44,12 @@ def decode_flags(data: bytes) -> dict[str, Any]:
 
 def held_out(request: CalibrationRequest) -> dict[str, list[dict[str, Any]]]:
     """The budget search's held-out calls by stage, ``"selection"`` and ``"certification"``:
-    the calibration calls with fresh seeds each (``invardiff.holdout.held_out_sets``)."""
+    the calibration calls with fresh seeds each, the certification's repeated for a 5th-percentile
+    floor (``invardiff.holdout.held_out_sets``)."""
+    from invardiff.budget_calibration import certification_samples
     from invardiff.holdout import held_out_sets
 
-    selection, certification = held_out_sets(request.calls)
+    selection, certification = held_out_sets(request.calls, min_samples=certification_samples(request.budget or {}))
     return {"selection": selection, "certification": certification}
 
 

@@ -619,6 +619,7 @@ def _certified(plan_bytes: bytes) -> dict[str, Any]:
     if not figures:
         return {}
     return {"certified_psnr_mean": figures["psnr_mean"], "certified_psnr_p5": figures["psnr_p5"],
+            "certified_psnr_p5_bound": figures.get("psnr_p5_bound"),
             "certified_samples": figures["samples"]}  # fmt: skip
 
 
